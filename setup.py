@@ -1,0 +1,37 @@
+"""Install megatron_dchag: D-CHAG channel aggregation on megatron-core.
+
+Torch must be installed first and pinned (``pip install torch==2.13.0``); an unpinned
+torch requirement would pull the CUDA wheels. The Makefile does this for you.
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "megatron-core==0.16.1",
+    "numpy>=1.26",
+    "psutil>=5.9",
+    "h5py>=3.10",
+    "xarray>=2024.1",
+    "zarr>=2.16",
+    "netCDF4>=1.6",
+    "scipy>=1.11",
+    "pyyaml>=6.0",
+    "omegaconf>=2.3",
+    "safetensors>=0.4",
+    "matplotlib>=3.8",
+    "tensorboard>=2.15",
+]
+
+setup(
+    name="megatron_dchag",
+    version="0.1.0",
+    description="Distributed Cross-Channel Hierarchical Aggregation (D-CHAG) for many-channel ViTs on megatron-core",
+    packages=find_packages(include=["megatron_dchag", "megatron_dchag.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=7.4"],
+        # Optional accelerators: only imported when present; they do not install on CPU.
+        "te": ["transformer-engine[pytorch]"],
+    },
+)
