@@ -1,0 +1,234 @@
+"""Cross-channel aggregation: the local partial-aggregation tree and the TP-sharded final layer.
+
+Token layout everywhere is ``[N, L, B, D]`` (N channels or group tokens first).
+
+*Partial aggregation* (local to a rank, no communication) reduces each owned channel group to
+one token per patch position with a small tree given as a list of chunk sizes (see
+:func:`megatron_dchag.config.aggregation_level_sizes`). All owned groups of one tree level are
+computed together:
+
+- :class:`LinearAggregationLevel` (D-CHAG-L): a learned weighted sum over each chunk, one matrix
+  multiply with a block-structured ``[chunks, tokens]`` matrix.
+- :class:`CrossAttentionAggregationLevel` (D-CHAG-C): per chunk a learned query attends over the
+  chunk's tokens (multi-head, per patch position). The query is folded into the key projection,
+  ``q_h . (W_k x)_h = x . (W_k,h^T q_h)``, and the value projection is applied after the
+  weighted sum, ``sum_i a_i W_v x_i = W_v sum_i a_i x_i``. No per-channel key/value tensors and no
+  ``[L, B, C, C]`` scores are ever materialized: beyond the input only ``[N, L*B, heads]`` scores
+  and ``[chunks, L*B, heads, D]`` sums are.
+
+*Final aggregation* (:class:`FinalChannelCrossAttention`) attends with a learned query over the
+``N`` tokens of each patch position, heads split across TP ranks with megatron-core
+``ColumnParallelLinear`` / ``RowParallelLinear``. Its first layer's input path is megatron's
+copy-to-TP-region (backward all-reduce), which is what makes the communication-free backward of
+the preceding all-gather exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from megatron.core import tensor_parallel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_dchag.config import aggregation_level_sizes
+from megatron_dchag.layers.channel_plan import ChannelGroupPlan, group_generator, mark_group_sharded
+from megatron_dchag.layers.embeddings import xavier_uniform_
+
+
+class TreeLevelPlan:
+    """Chunking of one tree level for every group, and the index maps for the owned groups."""
+
+    def __init__(self, level_chunks_per_group: Sequence[Sequence[int]], owned: Sequence[int]):
+        self.chunks_per_group = [list(c) for c in level_chunks_per_group]  # all G groups
+        self.owned = list(owned)
+        self.tokens_in_per_group = [sum(c) for c in self.chunks_per_group]
+        self.chunks_out_per_group = [len(c) for c in self.chunks_per_group]
+        chunk_of_token: List[int] = []
+        group_of_chunk: List[int] = []
+        chunk_lengths: List[int] = []
+        for local_g, g in enumerate(self.owned):
+            for length in self.chunks_per_group[g]:
+                chunk_of_token.extend([len(chunk_lengths)] * length)
+                group_of_chunk.append(local_g)
+                chunk_lengths.append(length)
+        self.num_tokens_in = len(chunk_of_token)
+        self.num_chunks = len(chunk_lengths)
+        self.chunk_lengths = chunk_lengths
+        self.chunk_of_token = torch.tensor(chunk_of_token, dtype=torch.long)
+        self.group_of_chunk = torch.tensor(group_of_chunk, dtype=torch.long)
+
+    @staticmethod
+    def build_tree(plan: ChannelGroupPlan, sharded: bool, tree: Sequence[int]) -> List["TreeLevelPlan"]:
+        per_group = [aggregation_level_sizes(size, tree) for size in plan.group_sizes]
+        owned = list(plan.owned_groups(sharded))
+        return [TreeLevelPlan([levels[k] for levels in per_group], owned) for k in range(len(tree) + 1)]
+
+
+class LinearAggregationLevel(nn.Module):
+    """Learned weighted sum over each chunk: ``weight [tokens_in]`` (initialised to the mean)."""
+
+    def __init__(self, level: TreeLevelPlan, level_index: int, seed: int):
+        super().__init__()
+        self.level = level
+        init = torch.cat([torch.full((n,), 1.0 / n) for n in level.chunk_lengths])
+        self.weight = nn.Parameter(init)
+        mark_group_sharded(self.weight, 0, level.tokens_in_per_group, level.owned)
+        rows = level.chunk_of_token
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", torch.arange(level.num_tokens_in), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        matrix = self.weight.new_zeros(self.level.num_chunks, n).index_put((self._rows, self._cols), self.weight)
+        out = torch.matmul(matrix.to(tokens.dtype), tokens.reshape(n, -1))
+        return out.view(self.level.num_chunks, *tokens.shape[1:])
+
+
+def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Softmax of ``scores [N, ...]`` over the rows of each segment (``segment [N]`` ids)."""
+    idx = segment.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores)
+    shape = (num_segments,) + tuple(scores.shape[1:])
+    smax = torch.full(shape, float("-inf"), dtype=scores.dtype, device=scores.device)
+    smax = smax.scatter_reduce(0, idx, scores.detach(), reduce="amax", include_self=True)
+    exp = torch.exp(scores - smax.index_select(0, segment))
+    denom = torch.zeros(shape, dtype=scores.dtype, device=scores.device).index_add(0, segment, exp)
+    return exp / denom.index_select(0, segment)
+
+
+class CrossAttentionAggregationLevel(nn.Module):
+    """Multi-head cross-attention of one learned query per chunk over the chunk's tokens.
+
+    Per owned group: ``query [chunks_g, D]``, ``key_weight``, ``value_weight``, ``out_weight``
+    ``[D, D]`` and value/out biases ``[D]`` (a key bias would cancel in the softmax).
+    """
+
+    def __init__(self, level: TreeLevelPlan, level_index: int, hidden_size: int, num_heads: int, seed: int,
+                 query_std: float = 0.02):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} is not divisible by aggregation heads={num_heads}")
+        self.level = level
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = hidden_size // num_heads
+        d, owned = hidden_size, level.owned
+        ng = len(owned)
+        self.query = nn.Parameter(torch.empty(level.num_chunks, d))
+        self.key_weight = nn.Parameter(torch.empty(ng, d, d))
+        self.value_weight = nn.Parameter(torch.empty(ng, d, d))
+        self.value_bias = nn.Parameter(torch.zeros(ng, d))
+        self.out_weight = nn.Parameter(torch.empty(ng, d, d))
+        self.out_bias = nn.Parameter(torch.zeros(ng, d))
+        with torch.no_grad():
+            queries = torch.split(self.query, [level.chunks_out_per_group[g] for g in owned], dim=0)
+            for i, g in enumerate(owned):
+                gen = lambda name: group_generator(seed, f"aggregation.level{level_index}.{name}", g)  # noqa: E731
+                queries[i].normal_(0.0, query_std, generator=gen("query"))
+                for name, w in (("key", self.key_weight), ("value", self.value_weight), ("out", self.out_weight)):
+                    xavier_uniform_(w[i], d, d, gen(name))
+        mark_group_sharded(self.query, 0, level.chunks_out_per_group, owned)
+        ones = [1] * len(level.chunks_per_group)
+        for p in (self.key_weight, self.value_weight, self.value_bias, self.out_weight, self.out_bias):
+            mark_group_sharded(p, 0, ones, owned)
+        self.register_buffer("_chunk_of_token", level.chunk_of_token, persistent=False)
+        self.register_buffer("_group_of_chunk", level.group_of_chunk, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, l, b, d = tokens.shape
+        m, h, e = self.level.num_chunks, self.num_heads, self.head_dim
+        x = tokens.reshape(n, l * b, d)
+        dtype = x.dtype
+        goc = self._group_of_chunk
+        # Fold each chunk's query into its group's key projection: u[m, h, D].
+        wk = self.key_weight.index_select(0, goc).view(m, h, e, d)
+        u = torch.einsum("mhe,mhed->mhd", self.query.view(m, h, e), wk) / math.sqrt(e)
+        u_tok = u.index_select(0, self._chunk_of_token).to(dtype)  # [n, h, D]
+        scores = torch.bmm(x, u_tok.transpose(1, 2))  # [n, LB, h]
+        probs = segment_softmax(scores.float(), self._chunk_of_token, m).to(dtype)
+        # Weighted sums of the raw tokens per chunk and head: [m, LB, h, D].
+        sums = torch.stack(
+            [
+                torch.einsum("nbh,nbd->bhd", p, xs)
+                for p, xs in zip(
+                    torch.split(probs, self.level.chunk_lengths, 0), torch.split(x, self.level.chunk_lengths, 0)
+                )
+            ]
+        )
+        wv = self.value_weight.index_select(0, goc).view(m, h, e, d).to(dtype)
+        values = torch.einsum("mbhd,mhed->mbhe", sums, wv).reshape(m, l * b, d)
+        values = values + self.value_bias.index_select(0, goc).unsqueeze(1).to(dtype)
+        wo = self.out_weight.index_select(0, goc).to(dtype)
+        out = torch.baddbmm(self.out_bias.index_select(0, goc).unsqueeze(1).to(dtype), values, wo.transpose(1, 2))
+        return out.view(m, l, b, d)
+
+
+class PartialChannelAggregation(nn.Module):
+    """The local tree: each owned group ``[C_g tokens] -> 1 token`` per patch position."""
+
+    def __init__(self, plan: ChannelGroupPlan, sharded: bool, tree: Sequence[int], layer_kind: str,
+                 hidden_size: int, num_heads: int, seed: int, query_std: float = 0.02):
+        super().__init__()
+        self.levels_plan = TreeLevelPlan.build_tree(plan, sharded, tree)
+        levels = []
+        for k, level in enumerate(self.levels_plan):
+            if layer_kind == "linear":
+                levels.append(LinearAggregationLevel(level, k, seed))
+            elif layer_kind == "cross_attention":
+                levels.append(CrossAttentionAggregationLevel(level, k, hidden_size, num_heads, seed, query_std))
+            else:
+                raise ValueError(f"unknown aggregation layer kind '{layer_kind}' (linear or cross_attention)")
+        self.levels = nn.ModuleList(levels)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        for level in self.levels:
+            tokens = level(tokens)
+        return tokens
+
+
+class FinalChannelCrossAttention(nn.Module):
+    """Learned-query cross-attention over the ``N`` tokens of each patch: ``[N, L, B, D] -> [L, B, D]``.
+
+    ``linear_kv`` (column-parallel, ``D -> 2D``, laid out per head as ``[heads, (k, v), head_dim]``)
+    and ``linear_q`` (column-parallel, applied to the replicated learned query) split the heads
+    across TP ranks; ``linear_proj`` (row-parallel) merges them with megatron's all-reduce.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, num_heads: int, seed: int):
+        super().__init__()
+        tp = config.tensor_model_parallel_size
+        if num_heads % tp:
+            raise ValueError(f"aggregation heads={num_heads} not divisible by tensor_model_parallel_size={tp}")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = hidden_size // num_heads
+        self.local_heads = num_heads // tp
+        init = config.init_method
+        self.query = nn.Parameter(torch.empty(hidden_size))
+        with torch.no_grad():
+            self.query.normal_(0.0, config.init_method_std, generator=group_generator(seed, "final.query", 0))
+        self.linear_q = tensor_parallel.ColumnParallelLinear(
+            hidden_size, hidden_size, config=config, init_method=init, bias=True, gather_output=False
+        )
+        self.linear_kv = tensor_parallel.ColumnParallelLinear(
+            hidden_size, 2 * hidden_size, config=config, init_method=init, bias=True, gather_output=False
+        )
+        self.linear_proj = tensor_parallel.RowParallelLinear(
+            hidden_size, hidden_size, config=config, init_method=config.output_layer_init_method,
+            bias=True, input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, l, b, d = tokens.shape
+        h, e = self.local_heads, self.head_dim
+        kv, _ = self.linear_kv(tokens.reshape(n, l * b, d))  # [N, LB, 2D/T]
+        kv = kv.view(n, l * b, h, 2, e)
+        key, value = kv[..., 0, :], kv[..., 1, :]
+        q, _ = self.linear_q(self.query.to(tokens.dtype).view(1, 1, d))  # [1, 1, D/T]
+        q = q.view(h, e)
+        scores = (key * q).sum(-1) / math.sqrt(e)  # [N, LB, h]
+        probs = torch.softmax(scores.float(), dim=0).to(tokens.dtype)
+        context = (probs.unsqueeze(-1) * value).sum(0)  # [LB, h, e]
+        out, _ = self.linear_proj(context.reshape(1, l * b, h * e))
+        return out.view(l, b, d)

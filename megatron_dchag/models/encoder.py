@@ -1,0 +1,180 @@
+"""The D-CHAG encoder: channel stage -> 2-D position (+ lead-time) embedding -> TransformerBlock -> norm.
+
+Usable as a library: build it with :func:`build_encoder` (or the class) inside an initialized
+megatron ``parallel_state`` and attach your own head. Output is megatron's sequence-first layout
+``[L, B, D]`` (``L`` = number of (visible) patch positions).
+
+Pipeline parallelism: the first stage (``pre_process``) owns the channel stage and embeddings;
+later stages receive hidden states through ``set_input_tensor``; the last stage
+(``post_process``) applies the final layer norm.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_dchag.config import ModelConfig, ParallelConfig, TrainingConfig
+from megatron_dchag.layers.channel_plan import group_generator
+from megatron_dchag.layers.channel_stage import ChannelAggregationStage, make_channel_plan
+from megatron_dchag.layers.embeddings import lead_time_features, sincos_2d, xavier_uniform_
+from megatron_dchag.models.vit_spec import get_vit_layer_spec
+
+
+def make_transformer_config(
+    model: ModelConfig,
+    parallel: Optional[ParallelConfig] = None,
+    training: Optional[TrainingConfig] = None,
+    num_layers: Optional[int] = None,
+    hidden_size: Optional[int] = None,
+    num_attention_heads: Optional[int] = None,
+    ffn_hidden_size: Optional[int] = None,
+) -> TransformerConfig:
+    """megatron-core TransformerConfig for the backbone (overridable sizes for e.g. an MAE decoder).
+
+    CPU initialization keeps initial weights independent of the TP size; fusions that need apex or
+    Transformer Engine stay off so the local path works without them.
+    """
+    parallel = parallel or ParallelConfig(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+    training = training or TrainingConfig()
+    bf16 = bool(training.bf16)
+    recompute = {}
+    if training.recompute_granularity == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif training.recompute_granularity == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    hidden = hidden_size or model.hidden_size
+    return TransformerConfig(
+        num_layers=num_layers or model.num_layers,
+        hidden_size=hidden,
+        num_attention_heads=num_attention_heads or model.num_attention_heads,
+        ffn_hidden_size=ffn_hidden_size or (model.ffn_size if hidden_size is None else 4 * hidden),
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+        bf16=bf16,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        layernorm_epsilon=model.layernorm_epsilon,
+        init_method_std=model.init_method_std,
+        add_bias_linear=True,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        memory_efficient_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        **recompute,
+    )
+
+
+class DCHAGEncoder(MegatronModule):
+    """Encoder over images with many channels; see the module docstring."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        config: TransformerConfig,
+        seed: int = 1234,
+        wavelengths: Optional[Sequence[float]] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        recompute_channel_stage: bool = False,
+    ):
+        super().__init__(config=config)
+        self.model_config = model
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = pre_process, post_process
+        self.recompute_channel_stage = recompute_channel_stage
+        self.plan = make_channel_plan(model)
+        h, w = model.image_size
+        self.grid = (h // model.patch_size, w // model.patch_size)
+        d = model.hidden_size
+        if pre_process:
+            self.channel_stage = ChannelAggregationStage(model, config, self.plan, seed, wavelengths)
+            self.pos_embedding = nn.Parameter(sincos_2d(self.grid[0], self.grid[1], d))
+            if model.lead_time_embedding:
+                self.lead_time_proj = nn.Linear(d, d)
+                with torch.no_grad():
+                    xavier_uniform_(self.lead_time_proj.weight, d, d, group_generator(seed, "lead_time", 0))
+                    self.lead_time_proj.bias.zero_()
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=get_vit_layer_spec(model.transformer_impl),
+            pre_process=pre_process,
+            post_process=post_process,
+        )
+
+    @property
+    def input_channel_range(self):
+        """Input channels this rank must be given: ``[start, stop)``."""
+        return self.channel_stage.input_channel_range if self.pre_process else None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def embed(
+        self,
+        images: torch.Tensor,
+        patch_index: Optional[torch.Tensor] = None,
+        lead_time_hours: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Channel stage + position/lead-time embeddings: ``[L, B, D]``."""
+        if self.recompute_channel_stage and self.training:
+            hidden = tensor_parallel.checkpoint(self.channel_stage, False, images, patch_index)
+        else:
+            hidden = self.channel_stage(images, patch_index)
+        pos = self.pos_embedding.to(hidden.dtype)
+        if patch_index is None:
+            hidden = hidden + pos.unsqueeze(1)
+        else:
+            hidden = hidden + pos[patch_index.t()]  # [Lv, B, D]
+        if self.model_config.lead_time_embedding:
+            if lead_time_hours is None:
+                raise ValueError("this encoder has a lead-time embedding: pass lead_time_hours [B]")
+            lead = self.lead_time_proj(lead_time_features(lead_time_hours, hidden.shape[-1]).to(hidden.dtype))
+            hidden = hidden + lead.unsqueeze(0)
+        return hidden
+
+    def forward(
+        self,
+        images: Optional[torch.Tensor],
+        patch_index: Optional[torch.Tensor] = None,
+        lead_time_hours: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        hidden = self.embed(images, patch_index, lead_time_hours) if self.pre_process else None
+        return self.decoder(hidden_states=hidden, attention_mask=None)
+
+
+def build_encoder(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
+                  training: Optional[TrainingConfig] = None, seed: int = 1234, **kwargs) -> DCHAGEncoder:
+    """Validate ``model`` against the current TP size and build the encoder."""
+    from megatron_dchag.config import validate_model_config
+
+    validate_model_config(model, parallel_state.get_tensor_model_parallel_world_size())
+    config = make_transformer_config(model, parallel, training)
+    return DCHAGEncoder(model, config, seed=seed, recompute_channel_stage=(
+        training is not None and training.recompute_granularity == "channel_stage"), **kwargs)
