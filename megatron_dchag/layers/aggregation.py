@@ -88,6 +88,11 @@ class LinearAggregationLevel(nn.Module):
         return out.view(self.level.num_chunks, *tokens.shape[1:])
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Softmax inputs in fp32 under bf16/fp16; fp64 stays fp64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Softmax of ``scores [N, ...]`` over the rows of each segment (``segment [N]`` ids)."""
     idx = segment.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores)
@@ -147,7 +152,7 @@ class CrossAttentionAggregationLevel(nn.Module):
         u = torch.einsum("mhe,mhed->mhd", self.query.view(m, h, e), wk) / math.sqrt(e)
         u_tok = u.index_select(0, self._chunk_of_token).to(dtype)  # [n, h, D]
         scores = torch.bmm(x, u_tok.transpose(1, 2))  # [n, LB, h]
-        probs = segment_softmax(scores.float(), self._chunk_of_token, m).to(dtype)
+        probs = segment_softmax(_at_least_fp32(scores), self._chunk_of_token, m).to(dtype)
         # Weighted sums of the raw tokens per chunk and head: [m, LB, h, D].
         sums = torch.stack(
             [
@@ -228,7 +233,7 @@ class FinalChannelCrossAttention(nn.Module):
         q, _ = self.linear_q(self.query.to(tokens.dtype).view(1, 1, d))  # [1, 1, D/T]
         q = q.view(h, e)
         scores = (key * q).sum(-1) / math.sqrt(e)  # [N, LB, h]
-        probs = torch.softmax(scores.float(), dim=0).to(tokens.dtype)
+        probs = torch.softmax(_at_least_fp32(scores), dim=0).to(tokens.dtype)
         context = (probs.unsqueeze(-1) * value).sum(0)  # [LB, h, e]
         out, _ = self.linear_proj(context.reshape(1, l * b, h * e))
         return out.view(l, b, d)

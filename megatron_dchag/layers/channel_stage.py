@@ -80,6 +80,19 @@ class ChannelAggregationStage(nn.Module):
     def input_channel_range(self) -> Tuple[int, int]:
         return self.plan.owned_channel_range(self.sharded)
 
+    def select_input_channels(self, images: torch.Tensor) -> torch.Tensor:
+        """Cut this rank's input channels out of an all-channel batch ``[B, C, H, W]``.
+
+        Data loaders should read only these channels in the first place; this is for callers
+        that hold every channel anyway (tests, inference on one machine).
+        """
+        if images.dim() != 4 or images.shape[1] != self.plan.num_channels:
+            raise ValueError(
+                f"expected images [B, {self.plan.num_channels}, H, W] with all channels, got {tuple(images.shape)}"
+            )
+        lo, hi = self.input_channel_range
+        return images[:, lo:hi]
+
     @property
     def gathered_counts_per_rank(self):
         if self.hierarchical:

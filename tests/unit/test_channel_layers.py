@@ -1,0 +1,161 @@
+"""Single-process tests of the channel-stage building blocks against naive references."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_dchag.config import aggregation_level_sizes
+from megatron_dchag.layers.aggregation import (
+    CrossAttentionAggregationLevel,
+    LinearAggregationLevel,
+    TreeLevelPlan,
+    segment_softmax,
+)
+from megatron_dchag.layers.channel_plan import ChannelGroupPlan, GroupShardedLayout
+from megatron_dchag.layers.tokenizer import ChannelEmbedding, GroupedPatchTokenizer, patchify_channels_first
+
+
+def test_plan_500_channels_8_groups():
+    plan = ChannelGroupPlan(500, 8, tp_size=4, tp_rank=1)
+    assert plan.group_sizes == [63, 63, 63, 63, 62, 62, 62, 62]
+    assert sum(plan.group_sizes) == 500
+    assert [plan.rank_channel_range(r) for r in range(4)] == [(0, 126), (126, 252), (252, 376), (376, 500)]
+    assert plan.owned_channel_range(sharded=True) == (126, 252)
+    assert plan.owned_channel_range(sharded=False) == (0, 500)
+    assert list(plan.owned_groups(sharded=True)) == [2, 3]
+
+
+def test_plan_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="not divisible"):
+        ChannelGroupPlan(64, 6, tp_size=4)
+    with pytest.raises(ValueError, match=">="):
+        ChannelGroupPlan(3, 4)
+
+
+def test_tree_level_sizes():
+    assert aggregation_level_sizes(63, []) == [[63]]
+    assert aggregation_level_sizes(130, [64]) == [[44, 43, 43], [3]]
+    assert aggregation_level_sizes(128, [64, 4]) == [[64, 64], [2], [1]]
+    assert aggregation_level_sizes(256, [64, 2]) == [[64, 64, 64, 64], [2, 2], [2]]
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_grouped_tokenizer_equals_per_channel_conv_loop(with_index):
+    torch.manual_seed(0)
+    c, d, p = 11, 16, 4
+    plan = ChannelGroupPlan(c, 3)
+    tok = GroupedPatchTokenizer(plan, sharded=False, patch_size=p, hidden_size=d, seed=7)
+    with torch.no_grad():
+        tok.bias.normal_()
+    images = torch.randn(2, c, 12, 16) + torch.arange(c).view(1, c, 1, 1)
+    index = torch.stack([torch.randperm(12)[:5] for _ in range(2)]) if with_index else None
+    out = tok(images, index)  # [C, L, B, D]
+    for ch in range(c):
+        conv = torch.nn.Conv2d(1, d, p, stride=p)
+        with torch.no_grad():
+            conv.weight.copy_(tok.weight[ch].unsqueeze(1))
+            conv.bias.copy_(tok.bias[ch])
+        ref = conv(images[:, ch : ch + 1]).flatten(2).permute(2, 0, 1)  # [L, B, D]
+        if index is not None:
+            ref = torch.stack([ref[index[b], b] for b in range(2)], dim=1)
+        torch.testing.assert_close(out[ch], ref, rtol=0, atol=1e-6)
+
+
+def test_tokenizer_and_embedding_hold_only_own_channels_exact_counts():
+    c, g, t, d, p = 500, 8, 4, 32, 6
+    totals = 0
+    for rank in range(t):
+        plan = ChannelGroupPlan(c, g, t, rank)
+        tok = GroupedPatchTokenizer(plan, sharded=True, patch_size=p, hidden_size=d, seed=1)
+        emb = ChannelEmbedding(plan, sharded=True, hidden_size=d)
+        own = plan.channels_per_rank[rank]
+        assert own == [126, 126, 124, 124][rank]
+        assert tok.weight.numel() == own * d * p * p and tok.bias.numel() == own * d
+        assert emb.weight.numel() == own * d
+        totals += tok.weight.numel() + tok.bias.numel() + emb.weight.numel()
+    assert totals == c * d * (p * p + 2)
+
+
+def test_tokenizer_init_independent_of_tp():
+    full = GroupedPatchTokenizer(ChannelGroupPlan(26, 4), sharded=False, patch_size=2, hidden_size=8, seed=3)
+    pieces = [
+        GroupedPatchTokenizer(ChannelGroupPlan(26, 4, 2, r), sharded=True, patch_size=2, hidden_size=8, seed=3).weight
+        for r in range(2)
+    ]
+    assert torch.equal(torch.cat(pieces), full.weight)
+
+
+def test_wavelength_embedding_slices_by_channel():
+    wl = [400 + 2.0 * i for i in range(10)]
+    full = ChannelEmbedding(ChannelGroupPlan(10, 2), sharded=False, hidden_size=8, wavelengths=wl).weight
+    part = ChannelEmbedding(ChannelGroupPlan(10, 2, 2, 1), sharded=True, hidden_size=8, wavelengths=wl).weight
+    assert torch.equal(part, full[5:])
+    assert not torch.equal(full, ChannelEmbedding(ChannelGroupPlan(10, 2), False, 8).weight)
+
+
+def test_group_layout_roundtrip():
+    layout = GroupShardedLayout(axis=0, block_sizes=(3, 2, 2, 1), owned=(1, 2))
+    full = torch.arange(8.0)
+    assert layout.local_from_full(full).tolist() == [3.0, 4.0, 5.0, 6.0]
+
+
+def test_segment_softmax_matches_per_segment():
+    torch.manual_seed(0)
+    scores = torch.randn(7, 3, 2)
+    seg = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    out = segment_softmax(scores, seg, 3)
+    for s, (a, b) in enumerate([(0, 3), (3, 5), (5, 7)]):
+        torch.testing.assert_close(out[a:b], torch.softmax(scores[a:b], dim=0))
+
+
+def _level(group_sizes, tree, level=0):
+    plan = ChannelGroupPlan(sum(group_sizes), len(group_sizes))
+    assert plan.group_sizes == list(group_sizes)
+    return TreeLevelPlan.build_tree(plan, sharded=False, tree=tree)[level]
+
+
+def test_linear_level_matches_weighted_sums():
+    torch.manual_seed(0)
+    level = _level([7, 6], [3])  # chunks [3,2,2] and [2,2,2]
+    layer = LinearAggregationLevel(level, 0, seed=0)
+    with torch.no_grad():
+        layer.weight.normal_()
+    x = torch.randn(13, 4, 2, 8)
+    out = layer(x)
+    start, rows = 0, []
+    for length in level.chunk_lengths:
+        w = layer.weight[start : start + length]
+        rows.append((w.view(-1, 1, 1, 1) * x[start : start + length]).sum(0))
+        start += length
+    torch.testing.assert_close(out, torch.stack(rows), rtol=1e-6, atol=1e-6)
+
+
+def test_cross_attention_level_matches_explicit_attention():
+    """The folded formulation equals textbook multi-head attention with explicit K and V."""
+    torch.manual_seed(0)
+    d, heads = 16, 4
+    e = d // heads
+    level = _level([7, 6], [3])
+    layer = CrossAttentionAggregationLevel(level, 0, d, heads, seed=0, query_std=1.0)
+    with torch.no_grad():
+        layer.value_bias.normal_()
+        layer.out_bias.normal_()
+    x = torch.randn(13, 5, 2, d, dtype=torch.float64)
+    layer = layer.double()
+    out = layer(x)
+    start, rows = 0, []
+    for j, length in enumerate(level.chunk_lengths):
+        g = int(level.group_of_chunk[j])
+        xs = x[start : start + length]  # [n, L, B, D]
+        k = xs @ layer.key_weight[g].T
+        v = xs @ layer.value_weight[g].T + layer.value_bias[g]
+        q = layer.query[j]
+        ctx = []
+        for h in range(heads):
+            sl = slice(h * e, (h + 1) * e)
+            a = torch.softmax((k[..., sl] @ q[sl]) / math.sqrt(e), dim=0)  # [n, L, B]
+            ctx.append((a.unsqueeze(-1) * v[..., sl]).sum(0))
+        rows.append(torch.cat(ctx, -1) @ layer.out_weight[g].T + layer.out_bias[g])
+        start += length
+    torch.testing.assert_close(out, torch.stack(rows), rtol=1e-10, atol=1e-10)
