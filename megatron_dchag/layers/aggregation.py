@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_dchag.config import aggregation_level_sizes
 from megatron_dchag.layers.channel_plan import ChannelGroupPlan, group_generator, mark_group_sharded
 from megatron_dchag.layers.embeddings import xavier_uniform_
+from megatron_dchag.layers.sharded_state import GroupShardedStateMixin
 
 
 class TreeLevelPlan:
@@ -68,7 +69,7 @@ class TreeLevelPlan:
         return [TreeLevelPlan([levels[k] for levels in per_group], owned) for k in range(len(tree) + 1)]
 
 
-class LinearAggregationLevel(nn.Module):
+class LinearAggregationLevel(GroupShardedStateMixin, nn.Module):
     """Learned weighted sum over each chunk: ``weight [tokens_in]`` (initialised to the mean)."""
 
     def __init__(self, level: TreeLevelPlan, level_index: int, seed: int):
@@ -104,7 +105,7 @@ def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, num_segments: i
     return exp / denom.index_select(0, segment)
 
 
-class CrossAttentionAggregationLevel(nn.Module):
+class CrossAttentionAggregationLevel(GroupShardedStateMixin, nn.Module):
     """Multi-head cross-attention of one learned query per chunk over the chunk's tokens.
 
     Per owned group: ``query [chunks_g, D]``, ``key_weight``, ``value_weight``, ``out_weight``
@@ -170,7 +171,7 @@ class CrossAttentionAggregationLevel(nn.Module):
         return out.view(m, l, b, d)
 
 
-class PartialChannelAggregation(nn.Module):
+class PartialChannelAggregation(GroupShardedStateMixin, nn.Module):
     """The local tree: each owned group ``[C_g tokens] -> 1 token`` per patch position."""
 
     def __init__(self, plan: ChannelGroupPlan, sharded: bool, tree: Sequence[int], layer_kind: str,
@@ -193,7 +194,7 @@ class PartialChannelAggregation(nn.Module):
         return tokens
 
 
-class FinalChannelCrossAttention(nn.Module):
+class FinalChannelCrossAttention(GroupShardedStateMixin, nn.Module):
     """Learned-query cross-attention over the ``N`` tokens of each patch: ``[N, L, B, D] -> [L, B, D]``.
 
     ``linear_kv`` (column-parallel, ``D -> 2D``, laid out per head as ``[heads, (k, v), head_dim]``)

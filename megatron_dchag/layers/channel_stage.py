@@ -29,6 +29,7 @@ from megatron_dchag.config import ModelConfig
 from megatron_dchag.layers.aggregation import FinalChannelCrossAttention, PartialChannelAggregation
 from megatron_dchag.layers.channel_plan import ChannelGroupPlan
 from megatron_dchag.layers.comm import gather_tokens_from_tp_region
+from megatron_dchag.layers.sharded_state import GroupShardedStateMixin
 from megatron_dchag.layers.tokenizer import ChannelEmbedding, GroupedPatchTokenizer
 
 
@@ -42,7 +43,7 @@ def make_channel_plan(model: ModelConfig, tp_size: Optional[int] = None, tp_rank
     return ChannelGroupPlan(model.num_channels, groups, tp_size, tp_rank)
 
 
-class ChannelAggregationStage(nn.Module):
+class ChannelAggregationStage(GroupShardedStateMixin, nn.Module):
     def __init__(
         self,
         model: ModelConfig,

@@ -17,9 +17,10 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, 
 
 from megatron_dchag.layers.channel_plan import ChannelGroupPlan, group_generator, mark_group_sharded
 from megatron_dchag.layers.embeddings import xavier_uniform_
+from megatron_dchag.layers.sharded_state import GroupShardedStateMixin
 
 
-class ChannelParallelHead(nn.Module):
+class ChannelParallelHead(GroupShardedStateMixin, nn.Module):
     def __init__(self, plan: ChannelGroupPlan, in_features: int, values_per_channel: int, seed: int, name: str = "head"):
         super().__init__()
         self.plan = plan

@@ -18,6 +18,7 @@ from torch import nn
 
 from megatron_dchag.layers.channel_plan import ChannelGroupPlan, group_generator, mark_group_sharded
 from megatron_dchag.layers.embeddings import sincos_1d, xavier_uniform_
+from megatron_dchag.layers.sharded_state import GroupShardedStateMixin
 
 
 def patchify_channels_first(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -37,7 +38,7 @@ def select_patches(patches: torch.Tensor, patch_index: torch.Tensor) -> torch.Te
     return torch.gather(patches, 1, idx)
 
 
-class GroupedPatchTokenizer(nn.Module):
+class GroupedPatchTokenizer(GroupShardedStateMixin, nn.Module):
     """Patch embeddings of the owned channels: ``weight [C_own, D, p, p]``, ``bias [C_own, D]``.
 
     Parameters are initialised group by group from :func:`group_generator`, so channel ``c`` gets
@@ -82,7 +83,7 @@ class GroupedPatchTokenizer(nn.Module):
         return tokens.view(c, l, b, self.hidden_size)
 
 
-class ChannelEmbedding(nn.Module):
+class ChannelEmbedding(GroupShardedStateMixin, nn.Module):
     """Learned per-channel embedding ``[C_own, D]``, initialised as a sin-cos table of the channel
     index or of the channel's wavelength (nm)."""
 

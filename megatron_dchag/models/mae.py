@@ -1,0 +1,121 @@
+"""Masked autoencoder for hyperspectral cubes on the D-CHAG encoder.
+
+- A fraction ``mask_ratio`` of patch positions is masked **before** tokenization: the encoder's
+  tokenizer and aggregation see only the visible patches (:func:`random_patch_mask`).
+- A light decoder (its own hidden size and depth, megatron-core ``TransformerBlock`` with the same
+  ViT spec) receives the visible tokens plus a learned mask token at masked positions.
+- The channel-parallel head reconstructs the masked patches of the rank's own channels; the
+  squared error is summed locally, reduced across TP and divided by the global element count, so
+  the loss is the MSE over masked patches of **all** channels.
+- ``norm_pix_loss`` normalizes each target channel-patch by its own mean and variance (per channel,
+  so no communication is needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megatron_dchag.config import ExperimentConfig, MAEConfig, validate_model_config
+from megatron_dchag.layers.channel_plan import group_generator
+from megatron_dchag.layers.embeddings import sincos_2d, xavier_uniform_
+from megatron_dchag.layers.heads import ChannelParallelHead, reduce_loss_across_tp
+from megatron_dchag.layers.tokenizer import patchify_channels_first
+from megatron_dchag.models.encoder import DCHAGEncoder, make_transformer_config
+from megatron_dchag.models.vit_spec import get_vit_layer_spec
+
+
+def random_patch_mask(
+    num_patches: int, mask_ratio: float, batch_size: int, generator: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample random split of patch positions: ``(visible [B, Lv], masked [B, Lm])``, sorted."""
+    num_masked = int(round(num_patches * mask_ratio))
+    num_masked = min(max(num_masked, 1), num_patches - 1)
+    order = torch.argsort(torch.rand(batch_size, num_patches, generator=generator), dim=1)
+    visible = torch.sort(order[:, num_masked:], dim=1).values
+    masked = torch.sort(order[:, :num_masked], dim=1).values
+    return visible, masked
+
+
+@dataclass
+class MAEOutput:
+    loss: torch.Tensor  # scalar, identical on all TP ranks
+    prediction: torch.Tensor  # [B, C_local, Lm, p*p] (normalized space if norm_pix_loss)
+    target: torch.Tensor  # [B, C_local, Lm, p*p]
+
+
+class MaskedAutoencoder(MegatronModule):
+    def __init__(self, cfg: ExperimentConfig, seed: int = 1234, wavelengths: Optional[Sequence[float]] = None):
+        model, mae = cfg.model, cfg.mae
+        validate_model_config(model, cfg.parallel.tensor_model_parallel_size)
+        enc_config = make_transformer_config(model, cfg.parallel, cfg.training)
+        super().__init__(config=enc_config)
+        self.model_type = ModelType.encoder_or_decoder
+        self.mae: MAEConfig = mae
+        self.encoder = DCHAGEncoder(
+            model, enc_config, seed=seed, wavelengths=wavelengths,
+            recompute_channel_stage=cfg.training.recompute_granularity == "channel_stage",
+        )
+        d, dd = model.hidden_size, mae.decoder_hidden_size
+        self.patch_size = model.patch_size
+        self.grid = self.encoder.grid
+        self.decoder_embed = nn.Linear(d, dd)
+        self.mask_token = nn.Parameter(torch.empty(dd))
+        with torch.no_grad():
+            xavier_uniform_(self.decoder_embed.weight, d, dd, group_generator(seed, "mae.decoder_embed", 0))
+            self.decoder_embed.bias.zero_()
+            self.mask_token.normal_(0.0, 0.02, generator=group_generator(seed, "mae.mask_token", 0))
+        self.register_buffer("decoder_pos", sincos_2d(self.grid[0], self.grid[1], dd), persistent=False)
+        dec_config = make_transformer_config(
+            model, cfg.parallel, cfg.training, num_layers=mae.decoder_num_layers, hidden_size=dd,
+            num_attention_heads=mae.decoder_num_attention_heads,
+        )
+        self.decoder = TransformerBlock(config=dec_config, spec=get_vit_layer_spec(model.transformer_impl))
+        self.head = ChannelParallelHead(self.encoder.plan, dd, self.patch_size**2, seed, name="mae.head")
+
+    @property
+    def input_channel_range(self) -> Tuple[int, int]:
+        return self.encoder.input_channel_range
+
+    @property
+    def output_channel_range(self) -> Tuple[int, int]:
+        return self.head.channel_range
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor) -> MAEOutput:
+        """``images [B, C_in, H, W]`` with this rank's input channels; ``visible``/``masked`` ``[B, L*]``."""
+        b = images.shape[0]
+        latent = self.encoder(images, patch_index=visible)  # [Lv, B, D]
+        tokens = self.decoder_embed(latent)  # [Lv, B, Dd]
+        num_patches = self.grid[0] * self.grid[1]
+        full = self.mask_token.to(tokens.dtype).expand(num_patches, b, -1).clone()
+        full = full.scatter(0, visible.t().unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
+        full = full + self.decoder_pos.to(tokens.dtype).unsqueeze(1)
+        decoded = self.decoder(hidden_states=full, attention_mask=None)  # [L, B, Dd]
+        at_masked = torch.gather(decoded, 0, masked.t().unsqueeze(-1).expand(-1, -1, decoded.shape[-1]))
+        pred = self.head(at_masked)  # [Lm, B, C_out, p*p]
+        pred = pred.permute(1, 2, 0, 3)  # [B, C_out, Lm, p*p]
+
+        in_lo = self.input_channel_range[0]
+        out_lo, out_hi = self.output_channel_range
+        target_imgs = images[:, out_lo - in_lo : out_hi - in_lo]
+        patches = patchify_channels_first(target_imgs, self.patch_size)  # [C_out, L, B, k]
+        idx = masked.t().reshape(1, -1, b, 1).expand(patches.shape[0], -1, b, patches.shape[-1])
+        target = torch.gather(patches, 1, idx).permute(2, 0, 1, 3)  # [B, C_out, Lm, k]
+        if self.mae.norm_pix_loss:
+            mean = target.mean(-1, keepdim=True)
+            var = target.var(-1, keepdim=True, unbiased=False)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        sq_err = ((pred.float() - target.float()) ** 2).sum()
+        total = target.shape[0] * self.encoder.plan.num_channels * target.shape[2] * target.shape[3]
+        loss = reduce_loss_across_tp(sq_err) / total
+        return MAEOutput(loss=loss, prediction=pred, target=target)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.encoder.set_input_tensor(input_tensor)
