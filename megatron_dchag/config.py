@@ -522,6 +522,17 @@ def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None) -> 
         raise ConfigError(f"training.train_iters={tr.train_iters} must be >= 0")
     if tr.lr < 0 or tr.min_lr < 0:
         raise ConfigError("training.lr and training.min_lr must be >= 0")
+    mae, tp = cfg.mae, par.tensor_model_parallel_size
+    if mae.decoder_hidden_size % mae.decoder_num_attention_heads:
+        raise ConfigError(
+            f"mae.decoder_hidden_size={mae.decoder_hidden_size} is not divisible by "
+            f"mae.decoder_num_attention_heads={mae.decoder_num_attention_heads}"
+        )
+    if mae.decoder_num_attention_heads % tp:
+        raise ConfigError(
+            f"mae.decoder_num_attention_heads={mae.decoder_num_attention_heads} is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}"
+        )
     if not 0.0 <= cfg.mae.mask_ratio < 1.0:
         raise ConfigError(f"mae.mask_ratio={cfg.mae.mask_ratio} must be in [0, 1)")
     if world_size is not None:

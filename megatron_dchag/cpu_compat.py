@@ -425,15 +425,39 @@ def _replacements() -> Dict[str, Dict[str, Any]]:
     }
 
 
+def _distinct_callable(name: str, value: Any, cache: Dict[str, Any]) -> Any:
+    """One function object per attribute *name*.
+
+    torch.compile's trace rules map every torch function object to one rule; sharing a single
+    ``_noop`` between e.g. ``synchronize`` (in-graph) and ``empty_cache`` (skipped) makes
+    ``torch.compile`` (used by megatron's ``jit_fuser``) fail with "Duplicate torch object".
+    The same name in two modules (``torch.cuda.X`` and ``torch.cuda.random.X``) keeps sharing one
+    object, exactly as in torch itself.
+    """
+    if name in cache:
+        return cache[name]
+    if not callable(value) or isinstance(value, type) or isinstance(value, tuple):
+        cache[name] = value
+        return value
+
+    def replacement(*args: Any, **kwargs: Any) -> Any:
+        return value(*args, **kwargs)
+
+    replacement.__name__ = replacement.__qualname__ = name
+    cache[name] = replacement
+    return replacement
+
+
 def _patch_torch_cuda() -> None:
     import importlib
 
+    cache: Dict[str, Any] = {}
     for module_name, attributes in _replacements().items():
         module = importlib.import_module(module_name)
         for name, value in attributes.items():
             key = f"{module_name}.{name}"
             _replaced_attributes.setdefault(key, getattr(module, name, None))
-            setattr(module, name, value)
+            setattr(module, name, _distinct_callable(name, value, cache))
 
 
 # --------------------------------------------------------------------------------------------

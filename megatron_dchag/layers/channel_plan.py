@@ -134,6 +134,12 @@ def mark_group_sharded(param: torch.nn.Parameter, axis: int, block_sizes: Sequen
     if param.shape[axis] != expected:
         raise ValueError(f"parameter axis {axis} has size {param.shape[axis]}, layout expects {expected}")
     setattr(param, GROUP_LAYOUT_ATTR, layout)
+    if not layout.is_complete:
+        # Distinct on every TP rank: megatron must count it on each rank (gradient norm,
+        # duplicate detection), exactly like its own tensor-parallel weights.
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        set_tensor_model_parallel_attributes(param, True, axis, 1)
 
 
 def group_layout(param: torch.Tensor):

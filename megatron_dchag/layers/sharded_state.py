@@ -65,5 +65,17 @@ class GroupShardedStateMixin:
         if replicated:
             out.update(make_sharded_tensors_for_checkpoint(replicated, prefix, sharded_offsets=sharded_offsets))
         for name, child in self.named_children():
-            out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
+            out.update(_child_sharded_state_dict(child, f"{prefix}{name}.", sharded_offsets, metadata))
         return out
+
+
+def _child_sharded_state_dict(child: torch.nn.Module, prefix: str, sharded_offsets, metadata):
+    """Containers (ModuleList, ...) have no sharded_state_dict: look inside them."""
+    if not hasattr(child, "sharded_state_dict") and isinstance(
+        child, (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+    ):
+        out = {}
+        for name, grandchild in child.named_children():
+            out.update(_child_sharded_state_dict(grandchild, f"{prefix}{name}.", sharded_offsets, metadata))
+        return out
+    return sharded_state_dict_default(child, prefix, sharded_offsets, metadata)
