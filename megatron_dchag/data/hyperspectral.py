@@ -94,8 +94,8 @@ class CubeReadError(OSError):
 # ------------------------------------------------------------------------------------------------
 
 
-def _wavelength_scale_to_nm(units: Optional[str], values: np.ndarray, where: str) -> float:
-    """Factor converting wavelengths in ``units`` to nm.
+def _wavelength_scale_to_nm(units: Optional[str], values: np.ndarray, where: str) -> Optional[float]:
+    """Factor converting wavelengths in ``units`` to nm; None when they are band indices, not wavelengths.
 
     Unknown or missing units are guessed from the values: a maximum below 100 can only be
     micrometers for optical sensors, otherwise nanometers.
@@ -106,7 +106,9 @@ def _wavelength_scale_to_nm(units: Optional[str], values: np.ndarray, where: str
             return 1.0
         if u in ("um", "micrometer", "micrometers", "micrometre", "micrometres", "micron", "microns"):
             return 1000.0
-        if u not in ("", "unknown", "index"):
+        if u == "index":
+            return None
+        if u not in ("", "unknown"):
             raise CubeFormatError(f"{where}: wavelength units {units!r} are not nm or micrometers")
     return 1000.0 if values.size and float(np.nanmax(values)) < 100.0 else 1.0
 
@@ -331,8 +333,8 @@ class HDF5CubeReader(CubeReader):
                             if ukey in obj.attrs:
                                 units = _as_str(obj.attrs[ukey])
                                 break
-                        where = f"{self.path}: attribute {key!r}"
-                        wavelengths = values * _wavelength_scale_to_nm(units, values, where)
+                        scale = _wavelength_scale_to_nm(units, values, f"{self.path}: attribute {key!r}")
+                        wavelengths = None if scale is None else values * scale
                         break
                 if wavelengths is not None:
                     break
@@ -541,8 +543,8 @@ class ENVICubeReader(CubeReader):
                 raise CubeFormatError(f"{hp}: ENVI 'wavelength' field is not a list of numbers") from None
             if values.size != bands:
                 raise CubeFormatError(f"{hp}: ENVI 'wavelength' has {values.size} values but bands = {bands}")
-            where = f"{hp}: field 'wavelength units'"
-            self._wavelengths = values * _wavelength_scale_to_nm(header.get("wavelength units"), values, where)
+            scale = _wavelength_scale_to_nm(header.get("wavelength units"), values, f"{hp}: 'wavelength units'")
+            self._wavelengths = None if scale is None else values * scale
         self._memmap: Optional[np.memmap] = None
 
     @property
@@ -620,8 +622,17 @@ def open_cube(
 
 
 def _atomic_target(path: Path) -> Tuple[int, str]:
+    """A temporary file next to ``path`` (same file system, so ``os.replace`` is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give ``tmp`` the permissions of a normally created file (mkstemp makes it 0600), then rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def write_hdf5_cube(
@@ -675,7 +686,7 @@ def write_hdf5_cube(
                 ds.attrs["wavelength_units"] = "nm"
             for key, value in (attrs or {}).items():
                 f.attrs[key] = value
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -735,9 +746,11 @@ def write_envi_cube(
         if wl.size != c:
             raise ValueError(f"got {wl.size} wavelengths for {c} channels")
         units = wavelength_units.strip().lower()
-        scale = 1.0 if units.startswith("nano") or units == "nm" else 1e-3
+        if units not in ("nanometers", "nm", "micrometers", "um"):
+            raise ValueError(f"wavelength_units={wavelength_units!r} must be Nanometers or Micrometers")
+        scale = 1.0 if units in ("nanometers", "nm") else 1e-3
         lines.append(f"wavelength units = {wavelength_units}")
-        lines.append("wavelength = {" + ", ".join(f"{v * scale:.6f}" for v in wl) + "}")
+        lines.append("wavelength = {" + ", ".join(f"{v * scale:.10g}" for v in wl) + "}")
     tmp_data: Optional[str] = None
     tmp_header: Optional[str] = None
     try:
@@ -745,11 +758,11 @@ def write_envi_cube(
         with os.fdopen(fd, "wb") as f:
             f.write(b"\0" * header_offset)
             data.tofile(f)
-        os.replace(tmp_data, data_path)
+        _publish(tmp_data, data_path)
         fd, tmp_header = _atomic_target(header_path)
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
-        os.replace(tmp_header, header_path)
+        _publish(tmp_header, header_path)
     except BaseException:
         for tmp in (tmp_data, tmp_header):
             if tmp is not None and os.path.exists(tmp):
@@ -899,7 +912,7 @@ def save_channel_stats(stats: ChannelStats, path: PathLike) -> Path:
                 np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -1113,7 +1126,8 @@ class HyperspectralDataset(torch.utils.data.Dataset):
     ``idx // samples_per_file``. The crop corner is :func:`crop_origin` of ``(seed, epoch, idx)``:
     resuming at the same epoch reproduces it, and all TP ranks (different ``channel_range``) cut the
     same window. ``crop``: ``"random"`` (depends on the epoch), ``"fixed"`` (random per item, same
-    every epoch), ``"center"``; ``"auto"`` is ``random`` for the train split and ``fixed`` otherwise.
+    every epoch), ``"center"``; ``"auto"`` is ``fixed`` for the val split (the same validation
+    crops at every evaluation) and ``random`` otherwise.
 
     ``dataset[idx]`` uses the epoch set by :meth:`set_epoch`; ``dataset[(epoch, idx)]`` uses the
     given epoch (what :class:`~megatron_dchag.data.sampler.DistributedResumableSampler` yields with
@@ -1174,7 +1188,7 @@ class HyperspectralDataset(torch.utils.data.Dataset):
         self.crop_size = (crop_h, crop_w)
         self.split = split
         self.seed = int(seed)
-        self.crop_mode = ("random" if split == "train" else "fixed") if crop == "auto" else crop
+        self.crop_mode = ("fixed" if split == "val" else "random") if crop == "auto" else crop
         self.samples_per_file = samples_per_file
         self.epoch = 0
 
