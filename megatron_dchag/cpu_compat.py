@@ -13,10 +13,10 @@ What megatron-core does that fails on a CPU-only torch, and what this layer does
    the functions live) with CPU equivalents:
 
    * ``current_device()`` returns ``torch.device("cpu")``, not an index: megatron passes it as
-     ``device=`` to factory functions *inside autograd backward* (e.g. the reduce-scatter in the
-     gather mapping's backward), where a ``TorchFunctionMode`` is not active, so only a real CPU
-     device works there. ``device_count()`` is 1, ``set_device``/``synchronize``/``empty_cache``
-     do nothing, memory statistics are 0.
+     ``device=`` to factory functions, also inside autograd backward (e.g. the reduce-scatter in
+     the backward of the sequence-parallel gather), and a CPU device is right there whether or
+     not a ``TorchFunctionMode`` is active. ``device_count()`` is 1,
+     ``set_device``/``synchronize``/``empty_cache`` do nothing, memory statistics are 0.
    * The "CUDA" random generator *is* the CPU default generator: ``get_rng_state``,
      ``set_rng_state``, ``manual_seed(_all)``, ``seed(_all)``, ``initial_seed`` and
      ``default_generators`` all act on ``torch.default_generator``. So megatron's
@@ -35,6 +35,11 @@ What megatron-core does that fails on a CPU-only torch, and what this layer does
      ``device=`` become CPU; so do positional devices of ``Tensor.to``; ``Tensor.cuda()`` returns
      the (CPU) tensor; ``pin_memory=True``/``Tensor.pin_memory()`` do not pin (nothing to pin for);
      ``Tensor.record_stream`` does nothing.
+   * Autograd backward: torch dispatches ``Tensor.backward``, ``torch.autograd.backward`` and
+     ``torch.autograd.grad`` through the mode, and a mode is switched off while it handles a
+     call, i.e. for the whole backward pass. The mode re-enters itself for these three calls, so
+     custom ``Function.backward``s and megatron's activation recompute (which re-runs forward,
+     with its ``device="cuda"`` causal mask, inside backward) run under it too.
    * ``Tensor.type()`` *without arguments* on a CPU tensor returns the CUDA type name
      (``"torch.cuda.FloatTensor"``), so megatron's checks such as
      ``param.type() == "torch.cuda.FloatTensor"`` (optimizer, distributed optimizer, grad clipping)
@@ -55,9 +60,9 @@ How to use it: call :func:`install_cpu_compat` **once per process, before buildi
   and must call :func:`install_cpu_compat` themselves before touching megatron-core (children that
   only move bytes, such as the manager process behind ``dist_checkpointing``'s async writer, need
   nothing).
-* Autograd backward runs without the mode (see 1.): code in a custom ``backward`` must not use a
-  literal ``device="cuda"``; megatron-core's mappings use ``torch.cuda.current_device()``, which
-  works.
+* A backward pass started with the mode active runs with it (see 2.); one started where the mode
+  is off (a thread started before installation, ``torch._C.DisableTorchFunction``) does not, and
+  then only megatron's ``torch.cuda.current_device()`` allocations keep working.
 
 Known limits: CUDA graphs, ``MemPool``/NCCL user buffers, ``torch.autocast("cuda")``
 (megatron's ``autocast_dtype`` path) and fusions compiled with ``torch.compile`` are not covered;
@@ -163,6 +168,12 @@ _METHOD_OVERRIDES: Dict[Callable[..., Any], Callable[..., Any]] = {
 }
 
 
+# Calls that run autograd's engine; they are dispatched through torch function modes.
+_AUTOGRAD_ENTRY_POINTS = frozenset(
+    {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
+)
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """``TorchFunctionMode`` that redirects CUDA device requests to the CPU.
 
@@ -181,6 +192,12 @@ class CudaToCpuMode(TorchFunctionMode):
         override = _METHOD_OVERRIDES.get(func)
         if override is not None:
             return override(*args, **kwargs)
+        if func in _AUTOGRAD_ENTRY_POINTS:
+            # torch pops the mode while a mode's __torch_function__ runs, and these calls run the
+            # whole backward pass: re-enter the mode so that backward hooks, custom
+            # Function.backward and megatron's recompute (a forward inside backward) see it.
+            with self:
+                return torch.overrides.redispatch_function(func, types, args, kwargs)
         return func(*args, **kwargs)
 
 

@@ -175,6 +175,7 @@ def write_dataset(
     chunks: str = "channel",
     compression: Optional[str] = None,
     dataset_name: str = "cube",
+    feature_size: Optional[float] = None,
 ) -> List[Path]:
     """Write ``num_cubes`` cubes to ``out_dir``; returns the HDF5 paths (ENVI copies go to ``out_dir/envi``).
 
@@ -185,7 +186,7 @@ def write_dataset(
     paths: List[Path] = []
     for i in range(num_cubes):
         cube_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-        synth = make_cube(channels, height, width, seed=cube_seed, dtype=dtype)
+        synth = make_cube(channels, height, width, seed=cube_seed, dtype=dtype, feature_size=feature_size)
         path = write_hdf5_cube(
             out / f"cube_{i:05d}.h5",
             synth.cube,
@@ -219,6 +220,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compression", choices=("gzip", "lzf"), default=None)
     parser.add_argument("--envi", action="store_true", help="also write each cube as ENVI under OUT/envi/")
     parser.add_argument("--interleave", choices=("bsq", "bil", "bip"), default="bsq")
+    parser.add_argument("--feature-size", type=float, default=None,
+                        help="smoothing length of the abundance maps in pixels (default min(H, W) / 12)")
     args = parser.parse_args(argv)
     for name in ("num_cubes", "channels", "height", "width"):
         if getattr(args, name) < 1:
@@ -232,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = write_dataset(
         args.out, args.num_cubes, args.channels, args.height, args.width, seed=args.seed, dtype=args.dtype,
         layout=args.layout, envi=args.envi, interleave=args.interleave, chunks=args.chunks,
-        compression=args.compression, dataset_name=args.dataset_name,
+        compression=args.compression, dataset_name=args.dataset_name, feature_size=args.feature_size,
     )
     print(
         f"wrote {len(paths)} cubes of {args.channels} x {args.height} x {args.width} ({args.dtype}, {args.layout}) "

@@ -66,6 +66,7 @@ __all__ = [
     "channel_name",
     "make_channel_list",
     "canonicalize_dataset",
+    "regular_latlon_grid",
 ]
 
 GRAVITY = 9.80665  # m s^-2, the ECMWF value
@@ -425,3 +426,17 @@ def canonicalize_dataset(ds: xr.Dataset, *, keep_unknown: bool = False, source: 
             "(proleptic Gregorian) calendar decoded to datetime64"
         )
     return ds
+
+
+def regular_latlon_grid(resolution: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Cell-centre grid at ``resolution`` degrees, latitude ascending (WeatherBench convention).
+
+    5.625 -> 32 latitudes -87.1875 .. 87.1875 and 64 longitudes 0 .. 354.375.
+    """
+    n_lat = int(round(180.0 / resolution))
+    n_lon = int(round(360.0 / resolution))
+    if n_lat < 1 or not np.isclose(n_lat * resolution, 180.0) or not np.isclose(n_lon * resolution, 360.0):
+        raise ValueError(f"resolution {resolution} does not divide 180 and 360 degrees evenly")
+    lat = -90.0 + resolution / 2.0 + resolution * np.arange(n_lat)
+    lon = resolution * np.arange(n_lon)
+    return lat, lon

@@ -84,6 +84,13 @@ class LinearAggregationLevel(GroupShardedStateMixin, nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[0]
+        lengths = self.level.chunk_lengths
+        if len(set(lengths)) == 1:
+            # Equal chunks: one batched [1, c] x [c, L*B*D] product per chunk, no [m, n] matrix
+            # and no m-fold redundant multiply-adds.
+            m, c = len(lengths), lengths[0]
+            out = torch.bmm(self.weight.to(tokens.dtype).view(m, 1, c), tokens.reshape(m, c, -1))
+            return out.view(m, *tokens.shape[1:])
         matrix = self.weight.new_zeros(self.level.num_chunks, n).index_put((self._rows, self._cols), self.weight)
         out = torch.matmul(matrix.to(tokens.dtype), tokens.reshape(n, -1))
         return out.view(self.level.num_chunks, *tokens.shape[1:])
@@ -103,6 +110,82 @@ def segment_softmax(scores: torch.Tensor, segment: torch.Tensor, num_segments: i
     exp = torch.exp(scores - smax.index_select(0, segment))
     denom = torch.zeros(shape, dtype=scores.dtype, device=scores.device).index_add(0, segment, exp)
     return exp / denom.index_select(0, segment)
+
+
+class ChunkAttentionPool(torch.autograd.Function):
+    """Attention pooling over contiguous chunks of tokens, memory-lean in forward and backward.
+
+    ``x [N, B', D]`` (chunks are consecutive runs of ``chunk_lengths`` rows), folded per-chunk
+    queries ``u [M, h, D]`` and optional score offsets ``c [M, h]``::
+
+        p[n, b, k] = softmax over n in chunk j of (x[n, b] . u[j, k] + c[j, k])
+        out[j, b, k] = sum_{n in chunk j} p[n, b, k] x[n, b]            -> [M, B', h, D]
+
+    Autograd through the plain formulation keeps one ``[N, B', D]`` gradient per use of ``x``
+    and a third for their sum; this function writes the gradient of ``x`` into **one** buffer
+    (a matmul, then an in-place ``baddbmm_`` per chunk). Saved for backward: ``x`` (the caller's
+    tensor, no copy), ``u`` and the ``[N, B', h]`` weights. Softmax in at least fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, u, c, chunk_lengths):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return ChunkAttentionPool._forward(ctx, x, u, c, chunk_lengths)
+
+    @staticmethod
+    def _forward(ctx, x, u, c, chunk_lengths):
+        n, bb, d = x.shape
+        m, h, _ = u.shape
+        dtype = x.dtype
+        u = u.to(dtype)
+        probs = x.new_empty(n, bb, h)
+        out = x.new_empty(m, bb, h, d)
+        start = 0
+        for j, length in enumerate(chunk_lengths):
+            xs = x[start : start + length]
+            scores = torch.matmul(xs, u[j].t())  # [c, B', h]
+            if c is not None:
+                scores = scores + c[j].to(scores.dtype)
+            p = torch.softmax(_at_least_fp32(scores), dim=0).to(dtype)
+            probs[start : start + length] = p
+            torch.bmm(p.permute(1, 2, 0), xs.transpose(0, 1), out=out[j])  # [B', h, D]
+            start += length
+        ctx.chunk_lengths = list(chunk_lengths)
+        ctx.has_c = c is not None
+        ctx.c_dtype = c.dtype if c is not None else None
+        ctx.u_dtype = u.dtype
+        ctx.save_for_backward(x, u, probs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, u, probs = ctx.saved_tensors
+        dtype = x.dtype
+        grad_out = grad_out.to(dtype)
+        m, h = u.shape[0], u.shape[1]
+        need_x, need_u, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_u = torch.empty_like(u) if need_u else None
+        grad_c = torch.empty(m, h, dtype=torch.float32, device=x.device) if need_c else None
+        start = 0
+        for j, length in enumerate(ctx.chunk_lengths):
+            xs, p, g = x[start : start + length], probs[start : start + length], grad_out[j]
+            grad_p = torch.bmm(g, xs.permute(1, 2, 0)).permute(2, 0, 1)  # [c, B', h]
+            p32, gp32 = _at_least_fp32(p), _at_least_fp32(grad_p)
+            grad_s = p32 * (gp32 - (gp32 * p32).sum(0, keepdim=True))
+            if need_c:
+                grad_c[j] = grad_s.sum((0, 1))
+            grad_s = grad_s.to(dtype)
+            if need_u:
+                grad_u[j] = torch.matmul(grad_s.reshape(-1, h).t(), xs.reshape(-1, xs.shape[-1]))
+            if need_x:
+                gx = grad_x[start : start + length]
+                torch.matmul(grad_s, u[j], out=gx)
+                gx.transpose(0, 1).baddbmm_(p.transpose(0, 1), g)
+            start += length
+        if grad_c is not None:
+            grad_c = grad_c.to(ctx.c_dtype)
+        return grad_x, grad_u, grad_c, None
 
 
 class CrossAttentionAggregationLevel(GroupShardedStateMixin, nn.Module):
@@ -151,18 +234,7 @@ class CrossAttentionAggregationLevel(GroupShardedStateMixin, nn.Module):
         # Fold each chunk's query into its group's key projection: u[m, h, D].
         wk = self.key_weight.index_select(0, goc).view(m, h, e, d)
         u = torch.einsum("mhe,mhed->mhd", self.query.view(m, h, e), wk) / math.sqrt(e)
-        u_tok = u.index_select(0, self._chunk_of_token).to(dtype)  # [n, h, D]
-        scores = torch.bmm(x, u_tok.transpose(1, 2))  # [n, LB, h]
-        probs = segment_softmax(_at_least_fp32(scores), self._chunk_of_token, m).to(dtype)
-        # Weighted sums of the raw tokens per chunk and head: [m, LB, h, D].
-        sums = torch.stack(
-            [
-                torch.einsum("nbh,nbd->bhd", p, xs)
-                for p, xs in zip(
-                    torch.split(probs, self.level.chunk_lengths, 0), torch.split(x, self.level.chunk_lengths, 0)
-                )
-            ]
-        )
+        sums = ChunkAttentionPool.apply(x, u.to(dtype), None, self.level.chunk_lengths)  # [m, LB, h, D]
         wv = self.value_weight.index_select(0, goc).view(m, h, e, d).to(dtype)
         values = torch.einsum("mbhd,mhed->mbhe", sums, wv).reshape(m, l * b, d)
         values = values + self.value_bias.index_select(0, goc).unsqueeze(1).to(dtype)
@@ -210,6 +282,8 @@ class FinalChannelCrossAttention(GroupShardedStateMixin, nn.Module):
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         self.local_heads = num_heads // tp
+        # Folded evaluation (no per-token keys/values); False selects the textbook form.
+        self.folded = True
         init = config.init_method
         self.query = nn.Parameter(torch.empty(hidden_size))
         with torch.no_grad():
@@ -226,6 +300,38 @@ class FinalChannelCrossAttention(GroupShardedStateMixin, nn.Module):
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.linear_kv.sequence_parallel or not self.folded:
+            return self.forward_unfolded(tokens)
+        return self.forward_folded(tokens)
+
+    def forward_folded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Same function as :meth:`forward_unfolded`, without the ``[N, L*B, 2D/T]`` keys/values.
+
+        The learned query is folded into the key projection, ``q_h . (W_k,h x + b_k,h) =
+        x . (W_k,h^T q_h) + q_h . b_k,h``, and the value projection is applied after the
+        attention-weighted sum, ``sum_n p_n (W_v,h x_n + b_v,h) = W_v,h (sum_n p_n x_n) + b_v,h``
+        (the weights sum to one). Beyond the input only ``[N, L*B, heads]`` scores and
+        ``[L*B, heads, D]`` sums are materialized, in forward and in backward. The input enters
+        through megatron's copy-to-TP-region exactly as in ``linear_kv`` (all-reduce in backward).
+        """
+        n, l, b, d = tokens.shape
+        h, e = self.local_heads, self.head_dim
+        dtype = tokens.dtype
+        x = tensor_parallel.copy_to_tensor_model_parallel_region(tokens.reshape(n, l * b, d))
+        w = self.linear_kv.weight.to(dtype).view(h, 2, e, d)
+        bias = self.linear_kv.bias.to(dtype).view(h, 2, e)
+        q, _ = self.linear_q(self.query.to(dtype).view(1, 1, d))  # [1, 1, D/T]
+        q = q.view(h, e) / math.sqrt(e)
+        u = torch.einsum("he,hed->hd", q, w[:, 0])  # [h, D]
+        offset = (q * bias[:, 0]).sum(-1)  # [h]
+        sums = ChunkAttentionPool.apply(x, u.unsqueeze(0), offset.unsqueeze(0), [n])[0]  # [LB, h, D]
+        context = torch.einsum("bhd,hed->bhe", sums, w[:, 1]) + bias[:, 1]  # [LB, h, e]
+        out, _ = self.linear_proj(context.reshape(1, l * b, h * e))
+        return out.view(l, b, d)
+
+    def forward_unfolded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Textbook form: explicit keys and values of all ``N`` tokens (reference, and the
+        sequence-parallel path)."""
         n, l, b, d = tokens.shape
         h, e = self.local_heads, self.head_dim
         kv, _ = self.linear_kv(tokens.reshape(n, l * b, d))  # [N, LB, 2D/T]

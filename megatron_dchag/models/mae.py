@@ -13,8 +13,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -44,11 +43,13 @@ def random_patch_mask(
     return visible, masked
 
 
-@dataclass
-class MAEOutput:
-    loss: torch.Tensor  # scalar, identical on all TP ranks
+class MAEOutput(NamedTuple):
+    """A tuple, so megatron's Float16Module can cast it; fields in this order."""
+
+    loss: torch.Tensor  # scalar MSE over masked patches of all channels, identical on all TP ranks
     prediction: torch.Tensor  # [B, C_local, Lm, p*p] (normalized space if norm_pix_loss)
     target: torch.Tensor  # [B, C_local, Lm, p*p]
+    mean_baseline_loss: torch.Tensor  # the loss of predicting the per-channel mean (0 after normalization)
 
 
 class MaskedAutoencoder(MegatronModule):
@@ -114,8 +115,8 @@ class MaskedAutoencoder(MegatronModule):
             target = (target - mean) / (var + 1e-6).sqrt()
         sq_err = ((pred.float() - target.float()) ** 2).sum()
         total = target.shape[0] * self.encoder.plan.num_channels * target.shape[2] * target.shape[3]
-        loss = reduce_loss_across_tp(sq_err) / total
-        return MAEOutput(loss=loss, prediction=pred, target=target)
+        sums = reduce_loss_across_tp(torch.stack([sq_err, (target.float() ** 2).sum().detach()])) / total
+        return MAEOutput(loss=sums[0], prediction=pred, target=target, mean_baseline_loss=sums[1])
 
     def set_input_tensor(self, input_tensor) -> None:
         self.encoder.set_input_tensor(input_tensor)

@@ -1,0 +1,144 @@
+"""Masked-autoencoder pretraining on hyperspectral cubes (the workload of ``pretrain_hyperspectral.py``).
+
+Each rank reads only the channels its model part needs (``model.input_channel_range``: its own
+channel groups under ``dchag``/``dist_tokenize``, all channels under the unsharded baselines).
+Micro-batches are drawn by a resumable, seeded sampler over data-parallel ranks; the random patch
+mask of a sample is a pure function of ``(seed, epoch, sample index)``, so every TP rank of a DP
+rank masks the same patches and a resumed run repeats the same masks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterator, Optional
+
+import numpy as np
+import torch
+
+from megatron_dchag.config import ConfigError, ExperimentConfig
+from megatron_dchag.data.hyperspectral import HyperspectralDataset, list_cube_files, scan_cubes
+from megatron_dchag.data.sampler import DistributedResumableSampler
+from megatron_dchag.models.mae import MaskedAutoencoder, random_patch_mask
+from megatron_dchag.training.task import MicroBatchStream, Task
+
+
+def mask_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    key = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index), 0x4D41534B]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(key))
+
+
+class MaskedCubeStream(MicroBatchStream):
+    """Micro-batches ``{"images", "visible", "masked", "index"}`` for one DP rank."""
+
+    def __init__(self, dataset: HyperspectralDataset, sampler: DistributedResumableSampler, micro_batch_size: int,
+                 num_patches: int, mask_ratio: float, seed: int):
+        self.dataset, self.sampler = dataset, sampler
+        self.micro_batch_size = micro_batch_size
+        self.num_patches, self.mask_ratio, self.seed = num_patches, mask_ratio, seed
+        self._indices: Optional[Iterator] = None
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        if self._indices is None:
+            self._indices = iter(self.sampler)
+        images, visible, masked, indices = [], [], [], []
+        for _ in range(self.micro_batch_size):
+            epoch, index = next(self._indices)
+            item = self.dataset[(epoch, index)]
+            vis, msk = random_patch_mask(self.num_patches, self.mask_ratio, 1, mask_generator(self.seed, epoch, index))
+            images.append(item["image"])
+            visible.append(vis[0])
+            masked.append(msk[0])
+            indices.append(index)
+        return {
+            "images": torch.stack(images),
+            "visible": torch.stack(visible),
+            "masked": torch.stack(masked),
+            "index": torch.tensor(indices),
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self._indices = None
+
+
+class HyperspectralMAETask(Task):
+    name = "hyperspectral_mae"
+
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__(cfg)
+        self.wavelengths: Optional[np.ndarray] = None
+
+    def _dataset_kwargs(self) -> Dict[str, Any]:
+        d = self.cfg.data
+        return dict(
+            crop_size=tuple(self.cfg.model.image_size), num_channels_expected=self.cfg.model.num_channels,
+            stats_file=d.stats_file, dataset_name=d.dataset_name, layout=d.layout, file_format=d.file_format,
+            val_fraction=d.val_fraction, seed=self.cfg.training.seed,
+        )
+
+    def prepare(self) -> None:
+        d, m = self.cfg.data, self.cfg.model
+        if not d.data_path:
+            raise ConfigError("data.data_path is not set (give --data-path DIR or data.data_path=DIR)")
+        if not os.path.exists(d.data_path):
+            raise ConfigError(f"data.data_path '{d.data_path}' does not exist")
+        files = list_cube_files(d.data_path, d.file_format)
+        collection = scan_cubes(files, dataset_name=d.dataset_name, layout=d.layout, file_format=d.file_format,
+                                num_channels_expected=m.num_channels, min_spatial_shape=tuple(m.image_size))
+        self.wavelengths = collection.wavelengths
+        if m.channel_embedding == "wavelength" and self.wavelengths is None and m.wavelengths is None:
+            raise ConfigError(
+                "model.channel_embedding='wavelength' but the cubes in data.data_path have no wavelengths "
+                "(give model.wavelengths or use model.channel_embedding=index)"
+            )
+
+    def build_model(self, pre_process: bool = True, post_process: bool = True) -> torch.nn.Module:
+        if not (pre_process and post_process):
+            raise ConfigError("the MAE workload runs with parallel.pipeline_model_parallel_size=1")
+        wl = self.cfg.model.wavelengths
+        if wl is None and self.wavelengths is not None:
+            wl = [float(x) for x in self.wavelengths]
+        return MaskedAutoencoder(self.cfg, seed=self.cfg.training.seed, wavelengths=wl)
+
+    def _stream(self, model: MaskedAutoencoder, split: str, dp_rank: int, dp_size: int, shuffle: bool) -> MaskedCubeStream:
+        dataset = HyperspectralDataset(
+            self.cfg.data.data_path, channel_range=model.input_channel_range, split=split, **self._dataset_kwargs()
+        )
+        if len(dataset) < dp_size:
+            raise ConfigError(
+                f"the {split} split of data.data_path has {len(dataset)} cubes, fewer than the data-parallel size {dp_size}"
+            )
+        sampler = DistributedResumableSampler(
+            len(dataset), num_replicas=dp_size, rank=dp_rank, seed=self.cfg.training.seed, shuffle=shuffle,
+            drop_last=True, infinite=True, yield_epoch=True,
+        )
+        seed = self.cfg.training.seed if split == "train" else self.cfg.training.seed + 7919
+        return MaskedCubeStream(dataset, sampler, self.cfg.training.micro_batch_size, model.encoder.grid[0] *
+                                model.encoder.grid[1], self.cfg.mae.mask_ratio, seed)
+
+    def train_stream(self, model, dp_rank, dp_size):
+        return self._stream(model, "train", dp_rank, dp_size, shuffle=True)
+
+    def eval_stream(self, model, dp_rank, dp_size):
+        return self._stream(model, "val", dp_rank, dp_size, shuffle=False)
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        out = model(batch["images"], batch["visible"], batch["masked"])
+        loss, baseline = out[0], out[3]
+        reported = {"loss": loss.detach().clone(), "mean_baseline_loss": baseline.detach().clone()}
+
+        def loss_func(output_tensor):
+            return output_tensor, reported
+
+        return loss, loss_func
+
+    def flops_per_sample(self) -> float:
+        try:
+            from megatron_dchag.flops import mae_training_flops
+        except ImportError:
+            return 0.0
+        return mae_training_flops(self.cfg)

@@ -1,0 +1,66 @@
+"""What ``pretrain_*.py`` scripts share: parse, validate, start the ranks, train, report errors.
+
+Bad input (config, data, checkpoint, launch) ends the process with one clear ``error:`` line on
+stderr and exit status 2, before any compute starts where possible; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from megatron_dchag.config import ConfigError, ExperimentConfig
+from megatron_dchag.training.task import Task
+
+EXIT_BAD_INPUT = 2
+
+
+def _launched_world_size() -> int:
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def user_errors() -> tuple:
+    """Exceptions that mean "your input is wrong", reported in one line."""
+    from megatron_dchag.data.hyperspectral import CubeFormatError, CubeReadError
+    from megatron_dchag.training.checkpointing import CheckpointError
+
+    errors = [ConfigError, CheckpointError, CubeFormatError, CubeReadError, FileNotFoundError]
+    try:
+        from megatron_dchag.data.era5 import ERA5DataError
+
+        errors.append(ERA5DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def run_entry_point(
+    argv: Optional[Sequence[str]], task_factory: Callable[[ExperimentConfig], Task], description: str, fault_hook=None
+) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        from megatron_dchag.training.arguments import parse_run_arguments
+
+        args = parse_run_arguments(argv, description, world_size=_launched_world_size())
+        cfg = args.config
+        from megatron_dchag.distributed import destroy_distributed, initialize_distributed
+
+        initialize_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                               seed=cfg.training.seed,
+                               virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size)
+        from megatron_dchag.training.trainer import Trainer
+
+        Trainer(cfg, task_factory(cfg), fault_hook=fault_hook).run()
+        destroy_distributed()
+        return 0
+    except user_errors() as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,72 @@
+"""The contract between the shared trainer and a workload (MAE pretraining, forecasting).
+
+A :class:`Task` builds its model and data for the current rank, runs one micro-batch forward for
+megatron-core's schedules, and may add evaluation metrics. The trainer owns everything else
+(parallel set-up, DDP, optimizer, schedule, checkpoints, logging, signals).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from megatron_dchag.config import ExperimentConfig
+
+
+class MicroBatchStream:
+    """An endless, resumable iterator of micro-batches for one data-parallel rank."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Task:
+    name: str = "task"
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+
+    # -- set-up (called after parallel state exists) -------------------------------------------
+    def prepare(self) -> None:
+        """Validate data against the config before any model is built (clear errors early)."""
+
+    def build_model(self, pre_process: bool = True, post_process: bool = True) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def train_stream(self, model: torch.nn.Module, dp_rank: int, dp_size: int) -> MicroBatchStream:
+        raise NotImplementedError
+
+    def eval_stream(self, model: torch.nn.Module, dp_rank: int, dp_size: int) -> MicroBatchStream:
+        raise NotImplementedError
+
+    # -- step -----------------------------------------------------------------------------------
+    def forward_step(self, data_iterator, model) -> Tuple[torch.Tensor, Callable]:
+        """megatron-core schedule contract: returns ``(output, loss_func)`` where
+        ``loss_func(output) -> (loss, {"loss": detached value})``."""
+        raise NotImplementedError
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs (forward + backward) of one sample, for TFLOP/s."""
+        return 0.0
+
+    def pipeline_tensor_shape(self) -> Optional[Tuple[int, int]]:
+        """``(seq_length, hidden)`` communicated between pipeline stages, if PP is supported."""
+        return None
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate_extra(self, model: torch.nn.Module, step: int) -> Dict[str, Any]:
+        """Task-specific metrics added to the eval record (rank 0's values are logged)."""
+        return {}
+
+    def on_train_end(self, model: torch.nn.Module, log_dir: Optional[str]) -> None:
+        """Artifacts after training (plots, tables)."""

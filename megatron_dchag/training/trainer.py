@@ -1,0 +1,389 @@
+"""The shared training loop on megatron-core (both workloads).
+
+megatron-core provides the pieces: ``get_forward_backward_func`` schedules (no pipelining,
+1F1B, interleaved), ``DistributedDataParallel`` (gradient buckets, overlap, distributed
+optimizer), ``get_megatron_optimizer`` (AdamW, clipping, bf16 with fp32 master weights),
+``OptimizerParamScheduler`` (warm-up + cosine). This module wires them to a :class:`Task`, adds
+evaluation, checkpoints (:mod:`megatron_dchag.training.checkpointing`), logging, clean stops on
+SIGTERM/SIGINT or ``--exit-duration-in-mins`` and skipping of non-finite steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from megatron_dchag.config import ExperimentConfig, config_to_dict, dump_config
+from megatron_dchag.training.checkpointing import (
+    CheckpointError,
+    TrainingState,
+    load_checkpoint,
+    read_checkpoint_config,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+)
+from megatron_dchag.training.metrics_logger import MetricsLogger, format_train_line
+from megatron_dchag.training.task import Task
+
+
+class TrainingStopped(RuntimeError):
+    """Too many consecutive non-finite steps; a checkpoint of the last good state was written."""
+
+
+def peak_memory_bytes() -> int:
+    """Allocator peak on GPU; on CPU the process's peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; checked at step boundaries (all ranks agree through a collective)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, task: Task, fault_hook=None):
+        self.cfg = cfg
+        self.task = task
+        self.fault_hook = fault_hook  # tests: injected into checkpoint saves
+        tr = cfg.training
+        self.rank = dist.get_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.micro_batch_size = tr.micro_batch_size
+        self.global_batch_size = tr.global_batch_size or tr.micro_batch_size * self.dp_size
+        self.num_microbatches = self.global_batch_size // (tr.micro_batch_size * self.dp_size)
+        self.log_dir = tr.log_dir or tr.save
+        self.logger = MetricsLogger(self.log_dir, enabled=self.rank == 0, total_steps=tr.train_iters)
+        self.stop = _StopFlag()
+        self.start_time = time.time()
+
+    # ------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, tr, par = self.cfg, self.cfg.training, self.cfg.parallel
+        self.task.prepare()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        vpp = par.virtual_pipeline_model_parallel_size
+        chunks: List[torch.nn.Module] = []
+        for i in range(vpp or 1):
+            if vpp:
+                parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+            pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False) if pp > 1 else True
+            post = parallel_state.is_pipeline_last_stage(ignore_virtual=False) if pp > 1 else True
+            chunks.append(self.task.build_model(pre_process=pre, post_process=post))
+        if vpp:
+            parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+        config = chunks[0].config
+        if tr.bf16:
+            chunks = [Float16Module(config, m) for m in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=par.overlap_grad_reduce,
+            use_distributed_optimizer=par.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        self.models = [
+            DistributedDataParallel(config, ddp_config, m, disable_bucketing=(i > 0)) for i, m in enumerate(chunks)
+        ]
+        for m in self.models:
+            m.broadcast_params()  # identical start across DP replicas
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
+            adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps,
+            clip_grad=tr.clip_grad, bf16=tr.bf16, params_dtype=torch.float32,
+            use_distributed_optimizer=par.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, self.models)
+        decay_steps = max(1, tr.train_iters * self.global_batch_size)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if tr.lr_warmup_iters else tr.lr,
+            max_lr=tr.lr,
+            min_lr=tr.min_lr,
+            lr_warmup_steps=tr.lr_warmup_iters * self.global_batch_size,
+            lr_decay_steps=decay_steps,
+            lr_decay_style=tr.lr_decay_style,
+            start_wd=tr.weight_decay,
+            end_wd=tr.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+        )
+        # Schedules take these hooks from the model config.
+        config.no_sync_func = [m.no_sync for m in self.models] if len(self.models) > 1 else self.models[0].no_sync
+        config.grad_sync_func = None
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.model_config = config
+        self.forward_backward = get_forward_backward_func()
+
+    # ------------------------------------------------------------------------------------------
+    def _load(self) -> TrainingState:
+        tr = self.cfg.training
+        if not tr.load:
+            return TrainingState()
+        ckpt = resolve_checkpoint_dir(tr.load)
+        saved = read_checkpoint_config(ckpt)
+        if saved is not None:
+            self._check_architecture(saved, ckpt)
+        weights_only = tr.finetune or tr.skip_train
+        state = load_checkpoint(
+            tr.load, self.models,
+            optimizer=None if weights_only else self.optimizer,
+            scheduler=None if weights_only else self.scheduler,
+            load_rng=not weights_only,
+        )
+        kind = "weights only" if weights_only else f"resuming at iteration {state.iteration}"
+        self.logger.info(f"loaded checkpoint {ckpt} ({kind})")
+        if weights_only:
+            return TrainingState()
+        return state
+
+    def _check_architecture(self, saved: Dict[str, Any], where: str) -> None:
+        """Refuse a checkpoint of another architecture, listing every difference."""
+        ours = config_to_dict(self.cfg)["model"]
+        theirs = (saved or {}).get("model", {})
+        fields = ("num_channels", "channel_groups", "hidden_size", "num_layers", "num_attention_heads",
+                  "patch_size", "strategy", "aggregation_layer", "aggregation_tree", "ffn_hidden_size",
+                  "lead_time_embedding")
+        diffs = []
+        for f in fields:
+            a, b = theirs.get(f), ours.get(f)
+            if f == "channel_groups" and b is None:
+                b = self.cfg.parallel.tensor_model_parallel_size
+            if f == "channel_groups" and a is None:
+                a = (saved.get("parallel") or {}).get("tensor_model_parallel_size")
+            if a != b:
+                diffs.append(f"model.{f}: checkpoint {a!r} vs config {b!r}")
+        if diffs:
+            raise CheckpointError(f"checkpoint '{where}' is from an incompatible model: " + "; ".join(diffs))
+
+    def _save(self, iteration: int, stream) -> None:
+        tr = self.cfg.training
+        if not tr.save:
+            return
+        state = TrainingState(
+            iteration=iteration,
+            consumed_samples=iteration * self.global_batch_size,
+            data_state=stream.state_dict() if stream is not None else None,
+            layout=dict(tp=parallel_state.get_tensor_model_parallel_world_size(),
+                        pp=parallel_state.get_pipeline_model_parallel_world_size(), dp=self.dp_size),
+        )
+        path = save_checkpoint(
+            tr.save, iteration, self.models, self.optimizer, self.scheduler, state,
+            config_to_dict(self.cfg), keep_last=tr.keep_last_checkpoints, fault_hook=self.fault_hook,
+        )
+        self.logger.info(f"saved checkpoint {path}")
+        self.logger.record("event", iteration, event="checkpoint", path=path)
+
+    # ------------------------------------------------------------------------------------------
+    def _seq_length(self) -> int:
+        shape = self.task.pipeline_tensor_shape()
+        return shape[0] if shape else 1
+
+    def _run_microbatches(self, stream, forward_only: bool, num_microbatches: int) -> List[Dict[str, torch.Tensor]]:
+        return self.forward_backward(
+            forward_step_func=self.task.forward_step,
+            data_iterator=[stream] * len(self.models) if len(self.models) > 1 else stream,
+            model=self.models if len(self.models) > 1 else self.models[0],
+            num_microbatches=num_microbatches,
+            seq_length=self._seq_length(),
+            micro_batch_size=self.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce_losses(self, records: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Average reported values over micro-batches and DP ranks; broadcast from the last stage."""
+        keys = sorted({k for r in records for k in r}) if records else []
+        keys_box = [keys]
+        last_stage_rank = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())[-1]
+        dist.broadcast_object_list(keys_box, src=last_stage_rank, group=parallel_state.get_pipeline_model_parallel_group())
+        keys = keys_box[0]
+        values = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        if records:
+            for i, k in enumerate(keys):
+                values[i] = sum(float(r[k]) for r in records if k in r) / len(records)
+        values[-1] = 1.0 if records else 0.0
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        dist.broadcast(values, src=last_stage_rank, group=parallel_state.get_pipeline_model_parallel_group())
+        count = values[-1].item() or 1.0
+        return {k: values[i].item() / count for i, k in enumerate(keys)}
+
+    def _grads_finite(self) -> bool:
+        finite = True
+        for m in self.models:
+            for p in m.parameters():
+                g = getattr(p, "main_grad", None)
+                if g is None:
+                    g = p.grad
+                if g is not None and not torch.isfinite(g).all():
+                    finite = False
+                    break
+        return not _any_rank(not finite)
+
+    def evaluate(self, step: int) -> Dict[str, Any]:
+        tr = self.cfg.training
+        for m in self.models:
+            m.eval()
+        stream = self.task.eval_stream(self._unwrapped(), self.dp_rank, self.dp_size)
+        records = []
+        with torch.no_grad():
+            for _ in range(tr.eval_iters):
+                records.extend(self._run_microbatches(stream, True, self.num_microbatches))
+        result = self._reduce_losses(records)
+        result.update(self.task.evaluate_extra(self._unwrapped(), step))
+        for m in self.models:
+            m.train()
+        rec = self.logger.record("eval", step, **result)
+        self.logger.info(f"eval  step {step:>6} | " + " | ".join(
+            f"{k} {v:.5f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k not in ("kind", "step")))
+        return rec
+
+    def _unwrapped(self) -> torch.nn.Module:
+        m = self.models[0]
+        while hasattr(m, "module"):
+            m = m.module
+        return m
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        cfg, tr = self.cfg, self.cfg.training
+        if self.rank == 0 and self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            tmp = os.path.join(self.log_dir, ".config.yaml.tmp")
+            with open(tmp, "w") as fh:
+                fh.write(dump_config(cfg))
+            os.replace(tmp, os.path.join(self.log_dir, "config.yaml"))
+        self.logger.info("resolved config:\n" + dump_config(cfg))
+        self._build()
+        state = self._load()
+        summary: Dict[str, Any] = {"iteration": state.iteration}
+        if tr.skip_train:
+            summary["eval"] = self.evaluate(state.iteration)
+            self.task.on_train_end(self._unwrapped(), self.log_dir)
+            self.logger.close()
+            return summary
+
+        stream = self.task.train_stream(self._unwrapped(), self.dp_rank, self.dp_size)
+        if state.data_state is not None:
+            stream.load_state_dict(state.data_state)
+        self.stop.install()
+        iteration = state.iteration
+        flops = self.task.flops_per_sample()
+        window_start, window_steps, window_losses = time.time(), 0, []
+        consecutive_bad, last_eval = 0, None
+        try:
+            while iteration < tr.train_iters:
+                for m in self.models:
+                    m.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                records = self._run_microbatches(stream, False, self.num_microbatches)
+                losses = self._reduce_losses(records)
+                loss = losses.get("loss", float("nan"))
+                finite = math.isfinite(loss) and self._grads_finite()
+                if finite:
+                    ok, grad_norm, _ = self.optimizer.step()
+                    finite = bool(ok) and (grad_norm is None or math.isfinite(grad_norm))
+                if not finite:
+                    consecutive_bad += 1
+                    iteration += 1
+                    self.logger.record("skip", iteration, loss=loss, reason="non-finite loss or gradient",
+                                       consecutive=consecutive_bad)
+                    self.logger.info(f"step {iteration}: non-finite loss/gradient, update skipped "
+                                     f"({consecutive_bad} in a row)")
+                    if consecutive_bad >= tr.max_consecutive_nonfinite:
+                        raise TrainingStopped(
+                            f"{consecutive_bad} consecutive non-finite steps (limit "
+                            f"training.max_consecutive_nonfinite={tr.max_consecutive_nonfinite})"
+                        )
+                    continue
+                consecutive_bad = 0
+                self.scheduler.step(increment=self.global_batch_size)
+                iteration += 1
+                window_steps += 1
+                window_losses.append(loss)
+                self.logger.progress(iteration, loss)
+                if iteration % tr.log_interval == 0 or iteration == tr.train_iters:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    samples_per_s = window_steps * self.global_batch_size / elapsed
+                    world = dist.get_world_size()
+                    rec = self.logger.record(
+                        "train", iteration, loss=sum(window_losses) / len(window_losses),
+                        lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
+                        samples_per_s=samples_per_s,
+                        tflops=flops * samples_per_s / world / 1e12 if flops else None,
+                        peak_mem_bytes=peak_memory_bytes(), **{k: v for k, v in losses.items() if k != "loss"},
+                    )
+                    self.logger.info(format_train_line(rec))
+                    window_start, window_steps, window_losses = time.time(), 0, []
+                if tr.eval_interval and iteration % tr.eval_interval == 0:
+                    last_eval = self.evaluate(iteration)
+                if tr.save_interval and iteration % tr.save_interval == 0:
+                    self._save(iteration, stream)
+                if self._should_exit():
+                    self.logger.info(f"stopping at iteration {iteration} (signal or time limit); saving")
+                    self.logger.record("event", iteration, event="exit", reason="signal or time limit")
+                    if not (tr.save_interval and iteration % tr.save_interval == 0):
+                        self._save(iteration, stream)
+                    summary.update(iteration=iteration, stopped=True)
+                    return summary
+        except TrainingStopped as exc:
+            self.logger.info(str(exc) + "; saving the last good state")
+            if tr.save:
+                self._save(iteration, stream)  # updates were skipped: the weights are the last good ones
+            raise
+        finally:
+            self.stop.restore()
+        summary["iteration"] = iteration
+        if tr.eval_iters and (last_eval is None or last_eval["step"] != iteration):
+            last_eval = self.evaluate(iteration)
+        summary["eval"] = last_eval
+        if tr.save and not (tr.save_interval and iteration % tr.save_interval == 0):
+            self._save(iteration, stream)
+        self.task.on_train_end(self._unwrapped(), self.log_dir)
+        self.logger.close()
+        return summary
+
+    def _should_exit(self) -> bool:
+        tr = self.cfg.training
+        local = self.stop.requested
+        if tr.exit_duration_in_mins is not None:
+            local = local or (time.time() - self.start_time) / 60.0 >= tr.exit_duration_in_mins
+        return _any_rank(local)
