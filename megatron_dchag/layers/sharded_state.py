@@ -43,8 +43,10 @@ def _group_factory(key: str, param: torch.Tensor) -> ShardedTensorFactory:
         }
 
     def merge(sub_state_dict: Dict[str, torch.Tensor]) -> torch.Tensor:
+        # Keys carry the factory's key at build time (optimizer states use their own prefix), so
+        # order by the zero-padded group suffix rather than rebuilding names.
         with torch.no_grad():
-            return torch.cat([sub_state_dict[group_key(key, g)] for g in layout.owned], dim=layout.axis)
+            return torch.cat([t for _, t in sorted(sub_state_dict.items())], dim=layout.axis)
 
     return ShardedTensorFactory(key, param, build, merge, replica_id)
 

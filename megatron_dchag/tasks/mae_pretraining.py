@@ -137,8 +137,18 @@ class HyperspectralMAETask(Task):
         return loss, loss_func
 
     def flops_per_sample(self) -> float:
-        try:
-            from megatron_dchag.flops import mae_training_flops
-        except ImportError:
-            return 0.0
-        return mae_training_flops(self.cfg)
+        """Encoder on the visible patches + decoder on all patches + head on the masked ones, x3."""
+        from megatron_dchag.flops import encoder_flops, training_flops, transformer_flops
+
+        m, mae = self.cfg.model, self.cfg.mae
+        num_patches = m.num_patches
+        num_masked = min(max(int(round(num_patches * mae.mask_ratio)), 1), num_patches - 1)
+        visible = num_patches - num_masked
+        dd = mae.decoder_hidden_size
+        forward = (
+            encoder_flops(m, 1, visible, self.cfg.parallel.tensor_model_parallel_size)
+            + 2.0 * visible * m.hidden_size * dd
+            + transformer_flops(mae.decoder_num_layers, dd, 4 * dd, num_patches, 1)
+            + 2.0 * num_masked * dd * m.num_channels * m.patch_size**2
+        )
+        return training_flops(forward)

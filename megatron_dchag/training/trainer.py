@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_dchag.config import ExperimentConfig, config_to_dict, dump_config
+from megatron_dchag.training import fault_injection
 from megatron_dchag.training.checkpointing import (
     CheckpointError,
     TrainingState,
@@ -206,9 +207,10 @@ class Trainer:
             layout=dict(tp=parallel_state.get_tensor_model_parallel_world_size(),
                         pp=parallel_state.get_pipeline_model_parallel_world_size(), dp=self.dp_size),
         )
+        hook = self.fault_hook or fault_injection.save_fault_hook(iteration, self.rank)
         path = save_checkpoint(
             tr.save, iteration, self.models, self.optimizer, self.scheduler, state,
-            config_to_dict(self.cfg), keep_last=tr.keep_last_checkpoints, fault_hook=self.fault_hook,
+            config_to_dict(self.cfg), keep_last=tr.keep_last_checkpoints, fault_hook=hook,
         )
         self.logger.info(f"saved checkpoint {path}")
         self.logger.record("event", iteration, event="checkpoint", path=path)
@@ -357,6 +359,7 @@ class Trainer:
                     last_eval = self.evaluate(iteration)
                 if tr.save_interval and iteration % tr.save_interval == 0:
                     self._save(iteration, stream)
+                fault_injection.maybe_exit_after(iteration, self.rank)
                 if self._should_exit():
                     self.logger.info(f"stopping at iteration {iteration} (signal or time limit); saving")
                     self.logger.record("event", iteration, event="exit", reason="signal or time limit")
