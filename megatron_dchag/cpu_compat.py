@@ -64,9 +64,10 @@ How to use it: call :func:`install_cpu_compat` **once per process, before buildi
   is off (a thread started before installation, ``torch._C.DisableTorchFunction``) does not, and
   then only megatron's ``torch.cuda.current_device()`` allocations keep working.
 
-Known limits: CUDA graphs, ``MemPool``/NCCL user buffers, ``torch.autocast("cuda")``
-(megatron's ``autocast_dtype`` path) and fusions compiled with ``torch.compile`` are not covered;
-keep them off on CPU.
+Known limits: CUDA graphs, ``MemPool``/NCCL user buffers and ``torch.autocast("cuda")``
+(megatron's ``autocast_dtype`` path) are not covered. megatron's ``torch.compile`` fusions
+(``bias_activation_fusion``, ...) do run under the layer, but compiling takes tens of seconds on
+CPU: keep them off there.
 """
 
 from __future__ import annotations
@@ -492,7 +493,7 @@ def _patch_thread_start() -> None:
         original(self)
 
     _replaced_attributes["threading.Thread._bootstrap_inner"] = original
-    threading.Thread._bootstrap_inner = _bootstrap_inner_with_cpu_compat  # type: ignore[attr-defined]
+    setattr(threading.Thread, "_bootstrap_inner", _bootstrap_inner_with_cpu_compat)
 
 
 class _DropRngForkWarning(logging.Filter):

@@ -25,7 +25,7 @@ import random
 import re
 import socket
 from dataclasses import dataclass
-from typing import List, Mapping, Optional
+from typing import List, Mapping, MutableMapping, Optional
 
 import numpy as np
 import torch
@@ -39,8 +39,10 @@ __all__ = [
     "describe_parallel_layout",
     "destroy_distributed",
     "expand_hostlist",
+    "find_free_port",
     "initialize_distributed",
     "resolve_launch_env",
+    "seed_everything",
 ]
 
 DEFAULT_MASTER_PORT = 29500
@@ -60,7 +62,7 @@ class LaunchEnv:
     master_port: int
     launcher: str  # "torchrun", "srun" or "python"
 
-    def export(self, environ: Optional[os._Environ] = None) -> None:
+    def export(self, environ: Optional[MutableMapping[str, str]] = None) -> None:
         """Write the variables torch's ``env://`` rendezvous reads."""
         environ = os.environ if environ is None else environ
         environ["RANK"] = str(self.rank)
@@ -390,14 +392,22 @@ def describe_parallel_layout() -> str:
     lines = [
         f"Parallel layout: world {world} = TP {tp_size} x PP {pp_size} x DP {dp_size} "
         f"(backend {dist.get_backend()})",
-        f"  {'rank':>4}  {'TP':>8} {'group':<16} {'PP':>8} {'group':<16} {'DP':>8} {'group':<16}"
-        " host",
+        f"  {'rank':>5}  " + "".join(
+            f"{name:<7}{name + ' group':<18}" for name in ("TP", "PP", "DP")
+        ) + "host",
     ]
     for info in everyone:
         assert info is not None
         cells = []
         for key, size in (("tp", tp_size), ("pp", pp_size), ("dp", dp_size)):
             rank_in_group, members = info[key]
-            cells.append(f"{rank_in_group:>3}/{size:<4} {str(members):<16}")
-        lines.append(f"  {info['rank']:>4}  " + " ".join(cells) + f" {info['host']}")
+            cells.append(f"{f'{rank_in_group}/{size}':<7}{_format_ranks(members):<18}")
+        lines.append(f"  {info['rank']:>5}  " + "".join(cells) + info["host"])
     return "\n".join(lines)
+
+
+def _format_ranks(ranks: List[int], limit: int = 6) -> str:
+    """``[0, 2]``; long groups as ``[0, 8, ..., 504] (64)``."""
+    if len(ranks) <= limit:
+        return str(list(ranks))
+    return f"[{ranks[0]}, {ranks[1]}, ..., {ranks[-1]}] ({len(ranks)})"

@@ -15,15 +15,23 @@ child sets ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK`
 call), uses one OpenMP thread, calls :func:`megatron_dchag.distributed.initialize_distributed`,
 runs ``fn(*args, **kwargs)`` and :func:`~megatron_dchag.distributed.destroy_distributed`. If any
 rank raises, dies or runs past ``timeout`` seconds, the others are killed and the parent raises
-:class:`DistributedTestError` with the child's traceback (on a timeout, with every rank's Python
-stack). It never hangs.
+:class:`DistributedTestError` with the child's traceback (on a timeout, with the Python stack of
+every rank that had not finished). It never hangs, and it leaves no process behind: each rank runs
+in its own process group, which is killed at the end (this also stops helper processes a rank
+started, such as the manager process of ``dist_checkpointing``'s writer).
 
 Start-up cost: importing torch + megatron-core takes ~5 s per process on this machine, too much
 for a suite of many 4-rank tests on 2 cores. Children are therefore started from a
-``forkserver`` (a clean single-threaded process started once per test session) that has
-imported those modules already: a child costs a ``fork``, not an import. The children are as clean
-as ``spawn`` children (no state inherited from the pytest process). Set
-``DCHAG_TEST_START_METHOD=spawn`` to use plain ``spawn`` instead.
+``forkserver`` (a clean process started once per test session) that has imported those
+modules already: a child costs a ``fork``, not an import (the 11 tests of test_cpu_compat.py and
+test_startup.py: ~20 s instead of ~260 s with ``spawn``). The children are as clean as ``spawn``
+children: nothing is inherited from the pytest process. Set ``DCHAG_TEST_START_METHOD=spawn`` to
+use plain ``spawn`` instead.
+
+``fn`` is pickled by reference, so its module must be importable in the child: test modules are
+(pytest's default ``prepend`` import mode puts their directory on ``sys.path``, which is passed on).
+``import tests.dist_utils`` needs the repository root on ``sys.path``: run ``python -m pytest`` from
+the root (as the Makefile does).
 """
 
 from __future__ import annotations
@@ -33,11 +41,12 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import socket
 import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 import torch.multiprocessing as mp
 
@@ -54,6 +63,7 @@ _FORKSERVER_PRELOAD = (
 )
 _START_METHOD_VAR = "DCHAG_TEST_START_METHOD"
 _KILL_GRACE_S = 1.0
+_EXIT_GRACE_S = 10.0
 
 
 class DistributedTestError(RuntimeError):
@@ -85,6 +95,10 @@ def _child_main(
     stack_file: str,
 ) -> None:
     """Entry point of one rank (runs in the child)."""
+    # Own process group: the parent can then clean up everything this rank starts (e.g. the
+    # manager process dist_checkpointing spawns) with one killpg, and Ctrl-C reaches the parent.
+    os.setpgrp()
+    _die_with_parent()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(master_port),
@@ -111,11 +125,11 @@ def _child_main(
         initialize_distributed(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=seed
         )
-        try:
-            result = _to_cpu(fn(*args, **kwargs))
-        finally:
-            destroy_distributed()
-        message = ("ok", pickle.dumps(result))
+        result = pickle.dumps(_to_cpu(fn(*args, **kwargs)))
+        # Only after success: after a failure, peers may be stuck in a collective and the
+        # parent kills every rank anyway, so report at once.
+        destroy_distributed()
+        message = ("ok", result)
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         message = ("error", traceback.format_exc())
     try:
@@ -124,6 +138,17 @@ def _child_main(
         conn.send(("error", f"rank {rank} could not send its result:\n{traceback.format_exc()}"))
     finally:
         conn.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL if the parent (pytest or the forkserver) dies, so no rank outlives it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _context() -> Any:
@@ -137,16 +162,24 @@ def _context() -> Any:
 
 
 def _free_port() -> int:
-    from megatron_dchag.distributed import find_free_port
+    # Not megatron_dchag.distributed.find_free_port: the parent should not import megatron-core.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    return find_free_port()
 
-
-def _kill(procs: List[Any]) -> None:
+def _kill_process_groups(procs: List[Any]) -> None:
+    """SIGKILL every rank's process group: the rank (if still alive) and all it started."""
     for proc in procs:
-        if proc.is_alive():
+        if proc.pid is None:
+            continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone: the rank and its children have all exited
+    for proc in procs:
+        if proc.is_alive():  # killed before it made its own process group
             proc.kill()
-    for proc in procs:
         proc.join(_KILL_GRACE_S)
 
 
@@ -234,10 +267,12 @@ def run_distributed(
                             f"PP={pipeline_model_parallel_size}):\n{body}"
                         )
                     results[rank] = pickle.loads(body)
+            # Let the ranks exit on their own (their exit handlers stop helper processes).
+            exit_deadline = time.monotonic() + _EXIT_GRACE_S
             for proc in procs:
-                proc.join(_KILL_GRACE_S)
+                proc.join(max(0.0, exit_deadline - time.monotonic()))
         finally:
-            _kill(procs)
+            _kill_process_groups(procs)
             for reader in readers:
                 reader.close()
     return results
@@ -266,6 +301,7 @@ def run_single(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` as a one-rank job in a fresh process; return its result.
 
     Like :func:`run_distributed` with ``world_size=1`` (TP = PP = 1, seed 1234), so megatron's
-    global state set up by ``fn`` never leaks into the test process.
+    global state set up by ``fn`` never leaks into the test process. Keyword arguments named like
+    :func:`run_distributed`'s options (``seed``, ``timeout``, ...) configure the run, not ``fn``.
     """
     return run_distributed(fn, 1, *args, **kwargs)[0]

@@ -1,0 +1,420 @@
+"""The CPU compatibility layer makes megatron-core's CUDA-bound pieces run on CPU with gloo.
+
+Everything that needs the layer runs in child processes (``tests.dist_utils``), so the pytest
+process itself is never patched.
+"""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+
+TP = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank functions (module level so that they pickle)
+# ---------------------------------------------------------------------------------------------
+
+
+def _mappings():
+    """Gather/scatter mappings of megatron-core: forward values and backward gradients."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    rank = ps.get_tensor_model_parallel_rank()
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(4, 2 * 3, generator=gen)  # same on every rank
+    grad_full = torch.randn(4, 2 * 3, generator=gen)
+    local = full[:, rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
+
+    out = {}
+    # All-gather along the last dim; backward splits locally.
+    gathered = tensor_parallel.gather_from_tensor_model_parallel_region(local)
+    gathered.backward(grad_full)
+    out["gather"], out["gather_grad"] = gathered.detach(), local.grad.clone()
+
+    # Scatter (split) along the last dim; backward all-gathers.
+    whole = full.clone().requires_grad_(True)
+    scattered = tensor_parallel.scatter_to_tensor_model_parallel_region(whole)
+    scattered.backward(grad_full[:, rank * 3:(rank + 1) * 3])
+    out["scatter"], out["scatter_grad"] = scattered.detach(), whole.grad.clone()
+
+    # Sequence-parallel all-gather along dim 0; its backward is a reduce-scatter that allocates
+    # with torch.cuda.current_device() inside autograd (no TorchFunctionMode there).
+    rows = full[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
+    seq = tensor_parallel.gather_from_sequence_parallel_region(rows)
+    seq.backward(grad_full)
+    out["seq_gather"], out["seq_gather_grad"] = seq.detach(), rows.grad.clone()
+    out["full"], out["grad_full"] = full, grad_full
+    return out
+
+
+def _reference_attention(q, k, v, causal):
+    """Plain softmax attention on [s, b, n, h] tensors -> [s, b, n * h]."""
+    s, b, n, h = q.shape
+    scores = torch.einsum("qbnh,kbnh->bnqk", q, k) / math.sqrt(h)
+    if causal:
+        mask = torch.ones(s, s, dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    context = torch.einsum("bnqk,kbnh->qbnh", scores.softmax(-1), v)
+    return context.reshape(s, b, n * h)
+
+
+def _dot_product_attention():
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    heads, head_dim, seq, batch = 4, 8, 5, 3
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+    )
+    rank = ps.get_tensor_model_parallel_rank()
+    local_heads = slice(rank * heads // TP, (rank + 1) * heads // TP)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(seq, batch, heads, head_dim, generator=gen) for _ in range(3))
+    grad_out = torch.randn(seq, batch, heads * head_dim // TP, generator=gen)
+
+    results = {}
+    for mask_type in (AttnMaskType.causal, AttnMaskType.no_mask):
+        attention = DotProductAttention(
+            config, layer_number=1, attn_mask_type=mask_type, attention_type="self"
+        )
+        local = [t[:, :, local_heads].clone().requires_grad_(True) for t in (q, k, v)]
+        out = attention(*local, attention_mask=None)
+        out.backward(grad_out)
+
+        ref_in = [t[:, :, local_heads].clone().requires_grad_(True) for t in (q, k, v)]
+        ref = _reference_attention(*ref_in, causal=mask_type == AttnMaskType.causal)
+        ref.backward(grad_out)
+        results[mask_type.name] = {
+            "out": (out.detach(), ref.detach()),
+            "grads": [(a.grad, b.grad) for a, b in zip(local, ref_in)],
+        }
+    return results
+
+
+def _rng_tracker_and_recompute():
+    """model_parallel_cuda_manual_seed, the TP RNG tracker and activation recompute."""
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(77)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    before = torch.get_rng_state()
+    with tracker.fork():
+        tp_draw = torch.rand(4)
+    after_fork = torch.rand(4)
+    torch.set_rng_state(before)
+    no_fork = torch.rand(4)
+
+    # Recompute: dropout inside the TP fork must replay identically in backward.
+    weight = torch.linspace(-1.0, 1.0, 8)
+
+    def block(x):
+        with tracker.fork():
+            return torch.nn.functional.dropout(x * weight, p=0.5, training=True).sin()
+
+    x0 = torch.linspace(0.1, 0.8, 8)
+    state = torch.get_rng_state(), tracker.get_states()
+    x_plain = x0.clone().requires_grad_(True)
+    y_plain = block(x_plain)
+    y_plain.sum().backward()
+
+    torch.set_rng_state(state[0])
+    tracker.set_states(state[1])
+    x_ckpt = x0.clone().requires_grad_(True)
+    y_ckpt = tensor_parallel.checkpoint(block, False, x_ckpt)
+    y_ckpt.sum().backward()
+    return {
+        "tp_draw": tp_draw,
+        "after_fork": after_fork,
+        "no_fork": no_fork,
+        "y": (y_plain.detach(), y_ckpt.detach()),
+        "grad": (x_plain.grad, x_ckpt.grad),
+    }
+
+
+def _torch_level_behaviour():
+    """The patched torch.cuda API and the TorchFunctionMode, in a process where it is installed."""
+    from megatron_dchag.cpu_compat import CudaToCpuMode, install_cpu_compat
+
+    def mode_count():
+        return sum(
+            isinstance(m, CudaToCpuMode)
+            for m in torch.overrides._get_current_function_mode_stack()
+        )
+
+    assert install_cpu_compat() and install_cpu_compat()  # idempotent
+    seen = {}
+
+    def in_thread():
+        seen["device"] = torch.zeros(1, device="cuda").device.type
+        seen["modes"] = mode_count()
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+
+    x = torch.ones(2)
+    event_a, event_b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    event_a.record()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
+    event_b.record()
+    torch.cuda.synchronize()
+    torch.cuda.manual_seed(5)
+    state = torch.cuda.get_rng_state()
+    first = torch.rand(3)
+    torch.cuda.set_rng_state(state)
+    return {
+        "modes": mode_count(),
+        "thread": seen,
+        "current_device": str(torch.cuda.current_device()),
+        "devices": [
+            torch.empty(1, device=d).device.type
+            for d in ("cuda", "cuda:0", torch.device("cuda", 0), 0)
+        ],
+        "to": x.to("cuda").device.type,
+        "cuda()": x.cuda() is x,
+        "types": [x.type(), x.bfloat16().type(), x.long().type(), x.type("torch.cuda.HalfTensor")
+                  .dtype == torch.float16],
+        "elapsed_ms": event_b.elapsed_time(event_a) <= 0.0 <= event_a.elapsed_time(event_b),
+        "rng_replay": torch.equal(first, torch.rand(3)),
+        "memory": torch.cuda.max_memory_allocated(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gather_and_scatter_mappings_tp2():
+    outs = run_distributed(_mappings, 2, tensor_model_parallel_size=TP)
+    for rank, out in enumerate(outs):
+        full, grad_full = out["full"], out["grad_full"]
+        cols, rows = slice(rank * 3, (rank + 1) * 3), slice(rank * 2, (rank + 1) * 2)
+        torch.testing.assert_close(out["gather"], full)
+        torch.testing.assert_close(out["gather_grad"], grad_full[:, cols])
+        torch.testing.assert_close(out["scatter"], full[:, cols])
+        # Backward of the scatter gathers every rank's gradient slice.
+        torch.testing.assert_close(out["scatter_grad"], grad_full)
+        torch.testing.assert_close(out["seq_gather"], full)
+        # Reduce-scatter: both ranks sent grad_full, so each row block is summed twice.
+        torch.testing.assert_close(out["seq_gather_grad"], 2 * grad_full[rows])
+
+
+def test_dot_product_attention_matches_softmax_attention_tp2():
+    outs = run_distributed(_dot_product_attention, 2, tensor_model_parallel_size=TP)
+    for out in outs:
+        for mask_type, result in out.items():
+            got, want = result["out"]
+            torch.testing.assert_close(got, want, msg=f"forward, {mask_type}")
+            for name, (got_grad, want_grad) in zip("qkv", result["grads"]):
+                torch.testing.assert_close(got_grad, want_grad, msg=f"d{name}, {mask_type}")
+
+
+def test_model_parallel_seed_tracker_and_recompute_tp2():
+    outs = run_distributed(_rng_tracker_and_recompute, 2, tensor_model_parallel_size=TP)
+    # The TP stream differs between TP ranks; the default stream is the same on both.
+    assert not torch.equal(outs[0]["tp_draw"], outs[1]["tp_draw"])
+    torch.testing.assert_close(outs[0]["after_fork"], outs[1]["after_fork"])
+    for out in outs:
+        # fork() restores the default stream as if nothing had been drawn.
+        torch.testing.assert_close(out["after_fork"], out["no_fork"])
+        # Recompute replays the same dropout mask.
+        torch.testing.assert_close(*out["y"])
+        torch.testing.assert_close(*out["grad"])
+
+
+def test_torch_cuda_api_and_mode_under_compat():
+    (out,) = run_distributed(_torch_level_behaviour, 1)
+    assert out["modes"] == 1, "install_cpu_compat must be idempotent (one mode on the stack)"
+    assert out["thread"] == {"device": "cpu", "modes": 1}
+    assert out["current_device"] == "cpu"
+    assert out["devices"] == ["cpu"] * 4
+    assert out["to"] == "cpu" and out["cuda()"]
+    assert out["types"] == ["torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor",
+                            "torch.cuda.LongTensor", True]
+    assert out["elapsed_ms"] and out["rng_replay"] and out["memory"] == 0
+
+
+_NO_OP_SCRIPT = textwrap.dedent(
+    """
+    import json, torch
+    original = {name: getattr(torch.cuda, name)
+                for name in ("current_device", "synchronize", "get_rng_state", "Stream")}
+    torch.cuda.is_available = lambda: True   # pretend a GPU is present
+    from megatron_dchag.cpu_compat import install_cpu_compat, is_cpu_compat_installed
+    returned = install_cpu_compat()
+    print(json.dumps({
+        "returned": returned,
+        "installed": is_cpu_compat_installed(),
+        "untouched": all(getattr(torch.cuda, n) is f for n, f in original.items()),
+        "modes": len(torch.overrides._get_current_function_mode_stack()),
+        "type": torch.ones(1).type(),
+    }))
+    """
+)
+
+
+def test_install_is_a_no_op_when_a_gpu_is_available():
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_OP_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {
+        "returned": False,
+        "installed": False,
+        "untouched": True,
+        "modes": 0,
+        "type": "torch.FloatTensor",
+    }
+
+
+
+def _train_tiny_transformer(use_distributed_optimizer):
+    """Three steps of a 4-layer transformer through megatron's whole training stack.
+
+    Pipeline schedule + p2p, DDP, get_megatron_optimizer (optionally distributed), full activation
+    recompute (a forward inside backward) and dropout under the TP RNG tracker.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.enums import ModelType
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.transformer_block import TransformerBlock
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=4, hidden_size=16, num_attention_heads=4, use_cpu_initialization=True,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32, hidden_dropout=0.1, attention_dropout=0.1,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+    )
+
+    class Stage(MegatronModule):
+        def __init__(self):
+            super().__init__(config)
+            self.model_type = ModelType.encoder_or_decoder
+            self.pre_process = ps.is_pipeline_first_stage()
+            self.post_process = ps.is_pipeline_last_stage()
+            self.share_embeddings_and_output_weights = False
+            self.block = TransformerBlock(
+                config, get_gpt_layer_local_spec(), pre_process=self.pre_process,
+                post_process=self.post_process,
+            )
+
+        def set_input_tensor(self, tensor):
+            self.block.set_input_tensor(tensor[0] if isinstance(tensor, list) else tensor)
+
+        def forward(self, x):
+            return self.block(x, attention_mask=None)
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            return self.block.sharded_state_dict(prefix + "block.", sharded_offsets, metadata)
+
+    ddp_config = DistributedDataParallelConfig(
+        use_distributed_optimizer=use_distributed_optimizer, grad_reduce_in_fp32=True
+    )
+    model = DistributedDataParallel(config, ddp_config, Stage())
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0,
+                        use_distributed_optimizer=use_distributed_optimizer),
+        [model],
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+
+    gen = torch.Generator().manual_seed(100 + ps.get_data_parallel_rank())
+    micro_batches = [torch.randn(6, 2, 16, generator=gen) for _ in range(4)]
+
+    def forward_step(data_iterator, stage):
+        x = next(data_iterator)
+        output = stage(x if ps.is_pipeline_first_stage() else None)
+
+        def loss_func(out):
+            loss = (out.float() ** 2).mean()
+            return loss, {"loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    losses, grad_norms = [], []
+    for _ in range(3):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reported = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+            num_microbatches=len(micro_batches), seq_length=6, micro_batch_size=2,
+            forward_only=False,
+        )
+        _, grad_norm, _ = optimizer.step()
+        grad_norms.append(grad_norm)
+        if reported:
+            losses.append(torch.stack([r["loss"] for r in reported]).mean().item())
+    return {"losses": losses, "grad_norms": grad_norms}
+
+
+def test_training_stack_pp2_dp2_distributed_optimizer():
+    kwargs = dict(pipeline_model_parallel_size=2)
+    plain = run_distributed(_train_tiny_transformer, 4, False, **kwargs)
+    sharded = run_distributed(_train_tiny_transformer, 4, True, **kwargs)
+    for a, b in zip(plain, sharded):
+        # The distributed optimizer must not change the numbers.
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+        assert a["grad_norms"] == pytest.approx(b["grad_norms"], rel=1e-5)
+    last_stage = [out["losses"] for out in sharded if out["losses"]]
+    assert len(last_stage) == 2 and all(len(l) == 3 for l in last_stage)
+    assert all(l[-1] < l[0] for l in last_stage)  # it trains
+    assert len({tuple(out["grad_norms"]) for out in sharded}) == 1  # one global grad norm
+
+
+def _save_and_load(checkpoint_dir):
+    """dist_checkpointing save (CUDA-bound without the layer) and load of a TP-sharded tensor."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+    def state(fill):
+        shard = torch.full((2, 3), fill)
+        return {"w": ShardedTensor.from_rank_offsets("w", shard, (0, rank, size), replica_id=0)}
+
+    dist_checkpointing.save(state(float(rank + 1)), checkpoint_dir)
+    with torch.no_grad():
+        return dist_checkpointing.load(state(0.0), checkpoint_dir)["w"]
+
+
+def test_dist_checkpointing_save_and_load_tp2(tmp_path):
+    # The first save in a process takes ~2 s: megatron's writer reports through a spawned
+    # multiprocessing manager that has to import torch.
+    loaded = run_distributed(_save_and_load, 2, str(tmp_path), tensor_model_parallel_size=TP)
+    for rank, shard in enumerate(loaded):
+        torch.testing.assert_close(shard, torch.full((2, 3), float(rank + 1)))
+    assert (tmp_path / "metadata.json").is_file()
