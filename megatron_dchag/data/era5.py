@@ -7,7 +7,7 @@ Pieces, from the bottom up:
   the canonical view of :mod:`megatron_dchag.data.era5_variables` (long variable names,
   ``time/level/latitude/longitude``, latitude **south-to-north**). dask is *not* required:
   without ``chunks`` the files are combined by a small lazy concatenation along time
-  (:class:`_LazyTimeConcat`), so indexing one time step reads only that step from disk. dask is
+  (:class:`_LazyConcat`), so indexing one time step reads only that step from disk. dask is
   not used by default even when installed, because per-sample random access through dask graphs
   is slower than direct lazy indexing; pass ``chunks={}`` to get dask arrays instead.
 * :class:`ChannelReader` validates a channel list against a dataset (clear errors naming what is
@@ -76,6 +76,7 @@ __all__ = [
     "ERA5Stats",
     "load_era5_stats",
     "save_era5_stats",
+    "train_lead_hours",
     "sample_lead_hours",
     "ERA5Dataset",
     "ERA5TrainBatchSampler",
@@ -139,11 +140,11 @@ def _open_one(path: Path, chunks: Optional[Mapping[str, int]], engine: Optional[
     return xr.open_dataset(path, engine=engine, chunks=chunks, cache=False)
 
 
-class _LazyTimeConcat(BackendArray):
+class _LazyConcat(BackendArray):
     """Lazy concatenation of several (lazy) ``xr.Variable`` pieces along one axis.
 
-    Used to join one-file-per-year (or month) archives without dask: indexing reads only the
-    pieces (and, within them, only the elements) that the key touches.
+    Used to join one-file-per-year (or per-level) archives without dask: indexing reads only
+    the pieces (and, within them, only the elements) that the key touches.
     """
 
     def __init__(self, pieces: Sequence[xr.Variable], axis: int):
@@ -197,6 +198,20 @@ class _LazyTimeConcat(BackendArray):
         return out.astype(self.dtype, copy=False)
 
 
+def _concat_along(arrays: List[xr.DataArray], dim: str, name: str, use_dask: bool) -> xr.DataArray:
+    """Lazily concatenate DataArrays (same dims, same other coordinates) along ``dim``."""
+    if len(arrays) == 1:
+        return arrays[0]
+    if use_dask:
+        return xr.concat(arrays, dim=dim, coords="minimal", compat="override", join="override")
+    first = arrays[0]
+    axis = first.dims.index(dim)
+    data = indexing.LazilyIndexedArray(_LazyConcat([a.transpose(*first.dims).variable for a in arrays], axis))
+    coords: Dict[str, Any] = {d: first[d] for d in first.dims if d != dim and d in first.coords}
+    coords[dim] = np.concatenate([a[dim].values for a in arrays])
+    return xr.DataArray(xr.Variable(first.dims, data, attrs=first.attrs), coords=coords, name=name)
+
+
 def _concat_time(pieces: List[Tuple[str, xr.DataArray]], name: str, use_dask: bool) -> xr.DataArray:
     """Concatenate one variable's per-file pieces along time, checking order and overlaps."""
     pieces = sorted(pieces, key=lambda sp: sp[1][TIME_DIM].values[0])
@@ -210,18 +225,34 @@ def _concat_time(pieces: List[Tuple[str, xr.DataArray]], name: str, use_dask: bo
         for dim in (LEVEL_DIM, LAT_DIM, LON_DIM):
             if dim in a.dims and not np.allclose(a[dim].values, b[dim].values):
                 raise ValueError(f"{name}: {src_a} and {src_b} have different {dim} coordinates")
-    if len(pieces) == 1:
-        return pieces[0][1]
-    arrays = [p for _, p in pieces]
-    if use_dask:
-        return xr.concat(arrays, dim=TIME_DIM, coords="minimal", compat="override", join="override")
-    first = arrays[0]
-    axis = first.dims.index(TIME_DIM)
-    data = indexing.LazilyIndexedArray(_LazyTimeConcat([a.variable for a in arrays], axis))
-    coords: Dict[str, Any] = {d: first[d] for d in first.dims if d != TIME_DIM and d in first.coords}
-    coords[TIME_DIM] = np.concatenate([a[TIME_DIM].values for a in arrays])
-    var = xr.Variable(first.dims, data, attrs=first.attrs)
-    return xr.DataArray(var, coords=coords, name=name)
+    return _concat_along([p for _, p in pieces], TIME_DIM, name, use_dask)
+
+
+def _combine_variable(pieces: List[Tuple[str, xr.DataArray]], name: str, use_dask: bool) -> xr.DataArray:
+    """One variable from its per-file pieces: files per level set are joined along level, files per
+    period along time."""
+    first = pieces[0][1]
+    if TIME_DIM not in first.dims:
+        return first  # a constant repeated in several files: take the first
+    if LEVEL_DIM not in first.dims:
+        return _concat_time(pieces, name, use_dask)
+    by_levels: Dict[Tuple[Any, ...], List[Tuple[str, xr.DataArray]]] = defaultdict(list)
+    for src, da in pieces:
+        by_levels[tuple(da[LEVEL_DIM].values.tolist())].append((src, da))
+    if len(by_levels) == 1:
+        return _concat_time(pieces, name, use_dask)
+    groups = sorted(by_levels.items(), key=lambda kv: kv[0][0])
+    all_levels = [lvl for levels, _ in groups for lvl in levels]
+    if len(set(all_levels)) != len(all_levels):
+        raise ValueError(f"{name}: files hold overlapping level sets {[list(k) for k, _ in groups]}")
+    joined = [_concat_time(g, name, use_dask) for _, g in groups]
+    common = joined[0][TIME_DIM].values
+    for da in joined[1:]:
+        common = np.intersect1d(common, da[TIME_DIM].values)
+    if any(da.sizes[TIME_DIM] != len(common) for da in joined):
+        warnings.warn(f"open_era5: {name}: keeping the {len(common)} times present for every level")
+        joined = [da.sel({TIME_DIM: common}) for da in joined]
+    return _concat_along(joined, LEVEL_DIM, name, use_dask)
 
 
 def _fmt_time(t: Any) -> str:
@@ -243,8 +274,8 @@ def open_era5(
     """Open ERA5 data (zarr stores, netCDF files, directories, globs or a list) as one lazy Dataset.
 
     Every file is put in the canonical view (:func:`canonicalize_dataset`), then each variable's
-    pieces are concatenated along time (files per year/month) and the variables merged (files
-    per variable). Variables must share the latitude/longitude grid; pressure variables are
+    pieces are concatenated along time (files per year/month) and along level (files per level,
+    e.g. WeatherBench 1's ``geopotential_500/``), and the variables merged (files per variable). Variables must share the latitude/longitude grid; pressure variables are
     reduced to their common levels and time-varying variables to their common times (a warning
     names what was dropped). ``chunks`` (requires dask) opens with dask arrays instead of the
     built-in lazy indexing. Data is read only when indexed.
@@ -261,12 +292,7 @@ def open_era5(
     if not per_var:
         raise ValueError(f"ERA5 data {[str(f) for f in files]}: no ERA5 variables found")
 
-    merged: Dict[str, xr.DataArray] = {}
-    for name, pieces in per_var.items():
-        if TIME_DIM in pieces[0][1].dims:
-            merged[name] = _concat_time(pieces, name, use_dask=chunks is not None)
-        else:
-            merged[name] = pieces[0][1]  # constants repeated in every yearly file: take the first
+    merged = {name: _combine_variable(pieces, name, use_dask=chunks is not None) for name, pieces in per_var.items()}
 
     # Align the grid, the levels and the times across variables.
     names = list(merged)

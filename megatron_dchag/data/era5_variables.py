@@ -43,6 +43,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import xarray as xr
+from xarray.backends import BackendArray
+from xarray.core import indexing
 
 __all__ = [
     "ERA5Variable",
@@ -295,6 +297,38 @@ def _find_coordinate(ds: xr.Dataset, canonical: str) -> Optional[str]:
     return candidates[0] if candidates else None
 
 
+class _LazyNewAxis(BackendArray):
+    """A lazy variable with a size-1 axis inserted at ``axis`` (``expand_dims`` would load the data)."""
+
+    def __init__(self, variable: xr.Variable, axis: int):
+        self.variable = variable
+        self.axis = axis
+        self.shape = tuple(variable.shape[:axis]) + (1,) + tuple(variable.shape[axis:])
+        self.dtype = variable.dtype
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._getitem)
+
+    def _getitem(self, key: Tuple) -> np.ndarray:
+        key = tuple(key) + (slice(None),) * (len(self.shape) - len(key))
+        new_key = key[self.axis]
+        arr = np.asarray(self.variable[key[: self.axis] + key[self.axis + 1 :]].values)
+        if isinstance(new_key, (int, np.integer)):
+            return arr
+        out_axis = sum(1 for k in key[: self.axis] if not isinstance(k, (int, np.integer)))
+        return np.take(np.expand_dims(arr, out_axis), np.arange(1)[new_key], axis=out_axis)
+
+
+def _with_level_axis(da: xr.DataArray, level: float) -> xr.DataArray:
+    """Give a single-level field (a scalar ``level`` coordinate) a lazy size-1 level dimension."""
+    axis = 1 if da.dims and da.dims[0] == TIME_DIM else 0
+    dims = da.dims[:axis] + (LEVEL_DIM,) + da.dims[axis:]
+    data = indexing.LazilyIndexedArray(_LazyNewAxis(da.variable, axis))
+    coords = {d: da[d].values for d in da.dims if d in da.coords}
+    coords[LEVEL_DIM] = np.array([level])
+    return xr.DataArray(xr.Variable(dims, data, attrs=da.attrs), coords=coords, name=da.name)
+
+
 def canonicalize_dataset(ds: xr.Dataset, *, keep_unknown: bool = False, source: str = "dataset") -> xr.Dataset:
     """Return the canonical view (see the module docstring) of one opened ERA5 dataset.
 
@@ -340,12 +374,14 @@ def canonicalize_dataset(ds: xr.Dataset, *, keep_unknown: bool = False, source: 
         ds = ds.drop_vars(foreign_coords)
 
     # 3. Variables.
+    scalar_level = LEVEL_DIM in ds.coords and ds[LEVEL_DIM].ndim == 0
     var_renames: Dict[str, str] = {}
     drop_vars: List[str] = []
     for name, da in ds.data_vars.items():
         canonical = resolve_variable(str(name))
-        # A geopotential without a level axis is the surface geopotential (CDS single-levels 'z').
-        if canonical == "geopotential" and LEVEL_DIM not in da.dims and LAT_DIM in da.dims:
+        # A geopotential without any level information is the surface geopotential (CDS
+        # single-levels 'z'); with a scalar level coordinate it is one pressure level (WeatherBench 1).
+        if canonical == "geopotential" and LEVEL_DIM not in da.dims and LAT_DIM in da.dims and not scalar_level:
             canonical = "geopotential_at_surface"
         if canonical is None or LAT_DIM not in da.dims or LON_DIM not in da.dims:
             if not keep_unknown:
@@ -359,6 +395,16 @@ def canonicalize_dataset(ds: xr.Dataset, *, keep_unknown: bool = False, source: 
         ds = ds.drop_vars(drop_vars)
     if var_renames:
         ds = ds.rename(var_renames)
+    if scalar_level:
+        level_value = float(ds[LEVEL_DIM].values)
+        expanded = {
+            str(n): _with_level_axis(da.drop_vars(LEVEL_DIM), level_value)
+            for n, da in ds.data_vars.items()
+            if n in VARIABLES and VARIABLES[str(n)].kind == "pressure" and LEVEL_DIM not in da.dims
+        }
+        ds = ds.drop_vars(LEVEL_DIM)
+        for n, da in expanded.items():
+            ds[n] = da
 
     for name, da in ds.data_vars.items():
         var = VARIABLES.get(str(name))
