@@ -27,6 +27,7 @@ AGGREGATION_LAYERS = ("linear", "cross_attention")
 CHANNEL_EMBEDDINGS = ("index", "wavelength")
 TRANSFORMER_IMPLS = ("local", "transformer_engine", "auto")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective", "channel_stage")
+LATITUDE_WEIGHTINGS = ("cos", "area")
 
 
 class ConfigError(ValueError):
@@ -106,12 +107,19 @@ class MAEConfig:
 class ForecastConfig:
     """Forecasting (ERA5 workload)."""
 
+    # Training draws one lead per batch from min_lead_hours, min + step, ..., max_lead_hours
+    # (min defaults to lead_step_hours).
     max_lead_hours: int = 72
     lead_step_hours: int = 6
+    min_lead_hours: Optional[int] = None
     eval_lead_hours: List[int] = field(default_factory=lambda: [6, 24, 72])
-    output_channels: Optional[List[str]] = None  # default: all input channels
+    # Predicted channels; each must be an input channel (data.channels). Default: all inputs.
+    output_channels: Optional[List[str]] = None
     metric_variables: List[str] = field(default_factory=lambda: ["z_500", "t_850", "u10", "t2m"])
-    latitude_weighting: str = "cos"
+    latitude_weighting: str = "cos"  # cos (ClimaX, WeatherBench 1) | area (WeatherBench 2)
+    residual: bool = True  # predict x_t + Δx (normalized units)
+    loss_on_constants: bool = False  # include land-sea mask / orography outputs in the loss
+    acc_centered: bool = True  # Pearson ACC (ClimaX, WB1); false: WeatherBench 2's uncentered ACC
 
 
 @dataclass
@@ -355,7 +363,7 @@ def load_config(
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,6 +543,7 @@ def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None) -> 
         )
     if not 0.0 <= cfg.mae.mask_ratio < 1.0:
         raise ConfigError(f"mae.mask_ratio={cfg.mae.mask_ratio} must be in [0, 1)")
+    validate_forecast_config(cfg.forecast)
     if world_size is not None:
         model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
         if world_size % model_parallel:
@@ -550,3 +559,30 @@ def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None) -> 
                 f"training.global_batch_size={gbs} is not divisible by training.micro_batch_size="
                 f"{tr.micro_batch_size} x data-parallel size {dp}"
             )
+
+
+def validate_forecast_config(fc: ForecastConfig) -> None:
+    """Rules of the ``forecast`` section that need no data (the task checks the rest against the data)."""
+    if fc.lead_step_hours < 1:
+        raise ConfigError(f"forecast.lead_step_hours={fc.lead_step_hours} must be a positive integer")
+    lo = fc.lead_step_hours if fc.min_lead_hours is None else fc.min_lead_hours
+    if lo < 1:
+        raise ConfigError(f"forecast.min_lead_hours={fc.min_lead_hours} must be a positive integer")
+    if fc.max_lead_hours < lo:
+        raise ConfigError(f"forecast.max_lead_hours={fc.max_lead_hours} must be >= forecast.min_lead_hours={lo}")
+    if (fc.max_lead_hours - lo) % fc.lead_step_hours:
+        raise ConfigError(
+            f"forecast.max_lead_hours={fc.max_lead_hours} is not forecast.min_lead_hours={lo} plus a multiple of "
+            f"forecast.lead_step_hours={fc.lead_step_hours}"
+        )
+    if not fc.eval_lead_hours:
+        raise ConfigError("forecast.eval_lead_hours is empty (give at least one evaluation lead time in hours)")
+    bad = [x for x in fc.eval_lead_hours if x < 1]
+    if bad:
+        raise ConfigError(f"forecast.eval_lead_hours={fc.eval_lead_hours} must be positive hours (bad: {bad})")
+    if len(set(fc.eval_lead_hours)) != len(fc.eval_lead_hours):
+        raise ConfigError(f"forecast.eval_lead_hours={fc.eval_lead_hours} repeats a lead time")
+    if fc.latitude_weighting not in LATITUDE_WEIGHTINGS:
+        raise ConfigError(
+            f"forecast.latitude_weighting='{fc.latitude_weighting}' is not one of {', '.join(LATITUDE_WEIGHTINGS)}"
+        )

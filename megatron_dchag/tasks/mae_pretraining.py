@@ -89,6 +89,10 @@ class HyperspectralMAETask(Task):
         collection = scan_cubes(files, dataset_name=d.dataset_name, layout=d.layout, file_format=d.file_format,
                                 num_channels_expected=m.num_channels, min_spatial_shape=tuple(m.image_size))
         self.wavelengths = collection.wavelengths
+        if m.wavelengths is None and self.wavelengths is not None:
+            # Recorded in the resolved config (and so in every checkpoint): the model can be rebuilt
+            # from a checkpoint alone, e.g. by tools/convert_checkpoint.py.
+            m.wavelengths = [float(x) for x in self.wavelengths]
         if m.channel_embedding == "wavelength" and self.wavelengths is None and m.wavelengths is None:
             raise ConfigError(
                 "model.channel_embedding='wavelength' but the cubes in data.data_path have no wavelengths "
@@ -98,10 +102,7 @@ class HyperspectralMAETask(Task):
     def build_model(self, pre_process: bool = True, post_process: bool = True) -> torch.nn.Module:
         if not (pre_process and post_process):
             raise ConfigError("the MAE workload runs with parallel.pipeline_model_parallel_size=1")
-        wl = self.cfg.model.wavelengths
-        if wl is None and self.wavelengths is not None:
-            wl = [float(x) for x in self.wavelengths]
-        return MaskedAutoencoder(self.cfg, seed=self.cfg.training.seed, wavelengths=wl)
+        return MaskedAutoencoder(self.cfg, seed=self.cfg.training.seed, wavelengths=self.cfg.model.wavelengths)
 
     def _stream(self, model: MaskedAutoencoder, split: str, dp_rank: int, dp_size: int, shuffle: bool) -> MaskedCubeStream:
         dataset = HyperspectralDataset(

@@ -136,6 +136,7 @@ class TrainingState:
     consumed_samples: int = 0
     data_state: Optional[dict] = None
     layout: Optional[dict] = None  # {"tp":, "pp":, "dp":} at save time
+    task: Optional[str] = None  # which workload built the model (tools rebuild it from the checkpoint)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -168,7 +169,7 @@ def build_sharded_state_dict(
     if state is not None:
         sd["training_state"] = dict(
             iteration=state.iteration, consumed_samples=state.consumed_samples,
-            data_state=state.data_state, layout=state.layout,
+            data_state=state.data_state, layout=state.layout, task=state.task,
         )
     if config_dict is not None:
         sd["config"] = config_dict
@@ -212,7 +213,8 @@ def save_checkpoint(
     dist.barrier()
     if rank == 0:
         if config_dict is not None:
-            _atomic_write_text(os.path.join(staging, "config.yaml"), yaml.safe_dump(config_dict, sort_keys=False))
+            _atomic_write_text(os.path.join(staging, "config.yaml"),
+                              yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=None, width=120))
         if fault_hook:
             fault_hook("before_publish")
         if os.path.exists(final):  # re-saving the same iteration: replace it
@@ -284,5 +286,5 @@ def load_checkpoint(
     ts = common.get("training_state") or {}
     return TrainingState(
         iteration=int(ts.get("iteration", 0)), consumed_samples=int(ts.get("consumed_samples", 0)),
-        data_state=ts.get("data_state"), layout=saved_layout,
+        data_state=ts.get("data_state"), layout=saved_layout, task=ts.get("task"),
     )

@@ -27,8 +27,9 @@ def user_errors() -> tuple:
     """Exceptions that mean "your input is wrong", reported in one line."""
     from megatron_dchag.data.hyperspectral import CubeFormatError, CubeReadError
     from megatron_dchag.training.checkpointing import CheckpointError
+    from megatron_dchag.training.trainer import TrainingStopped
 
-    errors = [ConfigError, CheckpointError, CubeFormatError, CubeReadError, FileNotFoundError]
+    errors = [ConfigError, CheckpointError, CubeFormatError, CubeReadError, FileNotFoundError, TrainingStopped]
     try:
         from megatron_dchag.data.era5 import ERA5DataError
 

@@ -7,6 +7,9 @@ Set ``MEGATRON_DCHAG_FAULT`` to one of:
 - ``kill_in_save:N:STAGE`` — the process dies inside the checkpoint save of iteration N at STAGE
   (``before_write``, ``after_write``: between the shard writes and publishing, ``before_publish``).
 
+- ``nonfinite_at:N[:K]`` — the loss of iterations N..N+K-1 (default K=1) is multiplied by NaN, so
+  loss and gradients are non-finite (exercises skipping and the consecutive-failure stop).
+
 ``MEGATRON_DCHAG_FAULT_RANK`` (default: every rank) limits the crash to one global rank.
 """
 
@@ -61,3 +64,28 @@ def save_fault_hook(iteration: int, rank: int) -> Optional[Callable[[str], None]
             _die(f"kill_in_save:{iteration}:{stage}")
 
     return hook
+
+
+def nonfinite_at(iteration: int) -> bool:
+    spec = os.environ.get(ENV_VAR, "")
+    if not spec.startswith("nonfinite_at:"):
+        return False
+    parts = spec.split(":")
+    start, count = int(parts[1]), int(parts[2]) if len(parts) > 2 else 1
+    return start <= iteration < start + count
+
+
+def poison_forward_step(forward_step: Callable) -> Callable:
+    """Wrap a task's forward step so its output (the loss) becomes NaN."""
+
+    def poisoned(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+        output = output * float("nan")
+
+        def poisoned_loss_func(output_tensor):
+            loss, reported = loss_func(output_tensor)
+            return loss, {k: v * float("nan") if k == "loss" else v for k, v in reported.items()}
+
+        return output, poisoned_loss_func
+
+    return poisoned

@@ -33,15 +33,21 @@ class MetricsLogger:
         self._tb = None
         self._progress = enabled and sys.stdout.isatty()
         self._start = time.time()
-        if not enabled or not log_dir:
+        self._tensorboard = tensorboard
+        self._opened = False
+
+    def _open(self) -> None:
+        """Create the files on the first record, so a run that fails its checks writes nothing."""
+        self._opened = True
+        if not self.enabled or not self.log_dir:
             return
-        os.makedirs(log_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)
-        if tensorboard:
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(self.log_dir, "metrics.jsonl"), "a", buffering=1)
+        if self._tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
+                self._tb = SummaryWriter(log_dir=os.path.join(self.log_dir, "tensorboard"))
             except Exception:  # tensorboard missing or broken: jsonl is the record of truth
                 self._tb = None
 
@@ -56,6 +62,8 @@ class MetricsLogger:
         rec.update({k: _jsonable(v) for k, v in values.items()})
         if not self.enabled:
             return rec
+        if not self._opened:
+            self._open()
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(rec) + "\n")
         if self._tb is not None:

@@ -133,7 +133,8 @@ class Trainer:
             use_distributed_optimizer=par.use_distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.models)
-        decay_steps = max(1, tr.train_iters * self.global_batch_size)
+        # megatron requires warm-up < decay; a run shorter than its warm-up just never leaves it
+        decay_steps = max(tr.train_iters, tr.lr_warmup_iters + 1) * self.global_batch_size
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if tr.lr_warmup_iters else tr.lr,
@@ -206,6 +207,7 @@ class Trainer:
             data_state=stream.state_dict() if stream is not None else None,
             layout=dict(tp=parallel_state.get_tensor_model_parallel_world_size(),
                         pp=parallel_state.get_pipeline_model_parallel_world_size(), dp=self.dp_size),
+            task=self.task.name,
         )
         hook = self.fault_hook or fault_injection.save_fault_hook(iteration, self.rank)
         path = save_checkpoint(
@@ -220,9 +222,13 @@ class Trainer:
         shape = self.task.pipeline_tensor_shape()
         return shape[0] if shape else 1
 
-    def _run_microbatches(self, stream, forward_only: bool, num_microbatches: int) -> List[Dict[str, torch.Tensor]]:
+    def _run_microbatches(self, stream, forward_only: bool, num_microbatches: int,
+                          iteration: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
+        step_func = self.task.forward_step
+        if iteration is not None and fault_injection.nonfinite_at(iteration):
+            step_func = fault_injection.poison_forward_step(step_func)
         return self.forward_backward(
-            forward_step_func=self.task.forward_step,
+            forward_step_func=step_func,
             data_iterator=[stream] * len(self.models) if len(self.models) > 1 else stream,
             model=self.models if len(self.models) > 1 else self.models[0],
             num_microbatches=num_microbatches,
@@ -275,7 +281,8 @@ class Trainer:
             m.train()
         rec = self.logger.record("eval", step, **result)
         self.logger.info(f"eval  step {step:>6} | " + " | ".join(
-            f"{k} {v:.5f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k not in ("kind", "step")))
+            f"{k} {v:.5f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
+            if k not in ("kind", "step") and "/" not in k))  # per-variable metrics: metrics.jsonl (tasks print tables)
         return rec
 
     def _unwrapped(self) -> torch.nn.Module:
@@ -287,15 +294,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
         cfg, tr = self.cfg, self.cfg.training
+        # Everything that can reject the input (data, model, checkpoint) runs before any output
+        # is written: a bad input leaves no partial log directory behind.
+        self._build()
+        state = self._load()
+        self.logger.info("resolved config:\n" + dump_config(cfg))
         if self.rank == 0 and self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             tmp = os.path.join(self.log_dir, ".config.yaml.tmp")
             with open(tmp, "w") as fh:
                 fh.write(dump_config(cfg))
             os.replace(tmp, os.path.join(self.log_dir, "config.yaml"))
-        self.logger.info("resolved config:\n" + dump_config(cfg))
-        self._build()
-        state = self._load()
         summary: Dict[str, Any] = {"iteration": state.iteration}
         if tr.skip_train:
             summary["eval"] = self.evaluate(state.iteration)
@@ -316,7 +325,7 @@ class Trainer:
                 for m in self.models:
                     m.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                records = self._run_microbatches(stream, False, self.num_microbatches)
+                records = self._run_microbatches(stream, False, self.num_microbatches, iteration + 1)
                 losses = self._reduce_losses(records)
                 loss = losses.get("loss", float("nan"))
                 finite = math.isfinite(loss) and self._grads_finite()
