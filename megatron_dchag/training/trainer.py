@@ -98,9 +98,12 @@ class Trainer:
         self.start_time = time.time()
 
     # ------------------------------------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, prepare_data: bool = True) -> None:
+        """Model chunks, DDP, optimizer, scheduler. ``prepare_data=False`` (checkpoint tools) builds
+        from the config alone, without looking at the data."""
         cfg, tr, par = self.cfg, self.cfg.training, self.cfg.parallel
-        self.task.prepare()
+        if prepare_data:
+            self.task.prepare()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         vpp = par.virtual_pipeline_model_parallel_size
         chunks: List[torch.nn.Module] = []
