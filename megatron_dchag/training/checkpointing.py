@@ -25,7 +25,7 @@ import re
 import shutil
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ import torch.distributed as dist
 import yaml
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+from megatron_dchag.layers.embeddings import interpolate_pos_embedding
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -137,6 +139,7 @@ class TrainingState:
     data_state: Optional[dict] = None
     layout: Optional[dict] = None  # {"tp":, "pp":, "dp":} at save time
     task: Optional[str] = None  # which workload built the model (tools rebuild it from the checkpoint)
+    has_optimizer: bool = True  # False for weights-only checkpoints (e.g. imported from a portable file)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -170,6 +173,7 @@ def build_sharded_state_dict(
         sd["training_state"] = dict(
             iteration=state.iteration, consumed_samples=state.consumed_samples,
             data_state=state.data_state, layout=state.layout, task=state.task,
+            has_optimizer=optimizer is not None,
         )
     if config_dict is not None:
         sd["config"] = config_dict
@@ -239,6 +243,34 @@ def _prune(save_dir: str, keep_last: int, current: int) -> None:
             shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
 
 
+def _prepare_shape_changes(sd: Dict[str, Any], ckpt: str, weights_only: bool, can_resize: bool) -> Dict[str, List[str]]:
+    """Compare model tensor shapes with the checkpoint's; make position embeddings loadable at
+    their saved shape (to be interpolated); reject anything else with a clear list."""
+    metadata = dist_checkpointing.load_tensors_metadata(ckpt)
+    resized: Dict[str, List[str]] = {}
+    problems = []
+    for model_key, entries in sd.items():
+        if not model_key.startswith("model") or not isinstance(entries, dict):
+            continue
+        for name, entry in list(entries.items()):
+            if not isinstance(entry, ShardedTensor) or entry.key not in metadata:
+                continue
+            saved_shape = tuple(metadata[entry.key].global_shape)
+            if saved_shape == tuple(entry.global_shape):
+                continue
+            if name.endswith("pos_embedding") and weights_only and can_resize:
+                entries[name] = ShardedTensor.from_rank_offsets(
+                    entry.key, torch.empty(saved_shape, dtype=entry.dtype), replica_id=entry.replica_id
+                )
+                resized.setdefault(model_key, []).append(name)
+            else:
+                problems.append(f"{entry.key}: checkpoint {saved_shape} vs model {tuple(entry.global_shape)}")
+    if problems:
+        hint = " (a different image size loads with --finetune)" if any("pos_embedding" in p for p in problems) else ""
+        raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model{hint}: " + "; ".join(problems[:6]))
+    return resized
+
+
 def read_checkpoint_config(checkpoint_dir: str) -> Optional[dict]:
     path = os.path.join(checkpoint_dir, "config.yaml")
     if not os.path.isfile(path):
@@ -254,11 +286,24 @@ def load_checkpoint(
     scheduler=None,
     load_rng: bool = True,
     strict: bool = True,
+    saved_grid: Optional[Tuple[int, int]] = None,
+    current_grid: Optional[Tuple[int, int]] = None,
 ) -> TrainingState:
-    """Load into the given objects (weights only when ``optimizer``/``scheduler`` are None)."""
+    """Load into the given objects (weights only when ``optimizer``/``scheduler`` are None).
+
+    A position embedding saved for another patch grid (``saved_grid`` -> ``current_grid``) is
+    interpolated, when loading weights only; any other shape difference is a CheckpointError that
+    lists the tensors."""
     ckpt = resolve_checkpoint_dir(load)
-    common = dist_checkpointing.load_common_state_dict(ckpt)
+    try:
+        common = dist_checkpointing.load_common_state_dict(ckpt)
+    except Exception as exc:  # missing or corrupt common.pt / metadata
+        raise CheckpointError(f"checkpoint '{ckpt}' cannot be read: {str(exc).splitlines()[0][:200]}") from None
     saved_layout = (common.get("training_state") or {}).get("layout")
+    if optimizer is not None and not (common.get("training_state") or {}).get("has_optimizer", True):
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' holds weights only (no optimizer state); load it with --finetune or --skip-train"
+        )
     here = dict(
         tp=parallel_state.get_tensor_model_parallel_world_size(),
         pp=parallel_state.get_pipeline_model_parallel_world_size(),
@@ -272,9 +317,13 @@ def load_checkpoint(
     sd.pop("training_state", None)
     if scheduler is None:
         sd.pop("opt_param_scheduler", None)
+    resized = _prepare_shape_changes(sd, ckpt, weights_only=optimizer is None,
+                                     can_resize=saved_grid is not None and current_grid is not None)
     loaded = dist_checkpointing.load(sd, ckpt)
     for i, m in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
+        for name in resized.get(key, ()):
+            loaded[key][name] = interpolate_pos_embedding(loaded[key][name], saved_grid, current_grid)
         _unwrap(m).load_state_dict(loaded[key], strict=strict)
     if optimizer is not None:
         with torch.no_grad():
@@ -287,4 +336,5 @@ def load_checkpoint(
     return TrainingState(
         iteration=int(ts.get("iteration", 0)), consumed_samples=int(ts.get("consumed_samples", 0)),
         data_state=ts.get("data_state"), layout=saved_layout, task=ts.get("task"),
+        has_optimizer=bool(ts.get("has_optimizer", True)),
     )

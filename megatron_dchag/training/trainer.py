@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -80,6 +81,54 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def _initialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer (no step taken) its Adam state, ``step`` included, before a load.
+
+    megatron's ``DistributedOptimizer.state_dict()`` (with torch's Adam, i.e. without apex or
+    Transformer Engine) reads the ``step`` of every parameter's state and fails on a fresh
+    optimizer, which has none; its sharded state dict for loading starts from that state dict.
+    The values are overwritten by the load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        init = getattr(opt, "init_state_fn", None)
+        if inner is None or init is None or len(inner.state) > 0:
+            continue
+        init(inner, getattr(opt, "config", None))
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _tolerate_missing_adam_step(optimizer) -> None:
+    """Let megatron's distributed optimizer load its reshardable checkpoints with torch's Adam.
+
+    Without apex or Transformer Engine, each parameter's Adam state holds a ``step``. megatron-core
+    0.16.1 restores ``step`` from the parameter groups and leaves it out of the per-parameter
+    tensors it loads from ``fully_reshardable`` (and ``fully_sharded_model_space``) checkpoints,
+    then copies every state key into place and fails on the missing ``step``. Here the current
+    ``step`` (already restored) stands in for it: copying it onto itself changes nothing.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or getattr(opt, "_dchag_step_shim", False):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _opt=opt, _original=original):
+            if "step" not in tensors and not _opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                group_index, group_order = _opt.model_param_group_index_map[model_param]
+                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+                state = _opt.optimizer.state[main_param]
+                if "step" in state:
+                    tensors = dict(tensors, step=state["step"])
+            return _original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        opt._dchag_step_shim = True
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, task: Task, fault_hook=None):
         self.cfg = cfg
@@ -106,15 +155,28 @@ class Trainer:
             self.task.prepare()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         vpp = par.virtual_pipeline_model_parallel_size
+        vpp = vpp if pp > 1 else None
         chunks: List[torch.nn.Module] = []
         for i in range(vpp or 1):
             if vpp:
-                parallel_state.set_virtual_pipeline_model_parallel_rank(i)
-            pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False) if pp > 1 else True
-            post = parallel_state.is_pipeline_last_stage(ignore_virtual=False) if pp > 1 else True
-            chunks.append(self.task.build_model(pre_process=pre, post_process=post))
+                # Models read their virtual stage from here (megatron's TransformerBlock needs it).
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+            vp_stage = i if vpp else None
+            pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
+            post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
+            chunk = self.task.build_model(pre_process=pre, post_process=post)
+            chunk.vp_stage = vp_stage
+            # megatron's finalize_model_grads asks every pipelined model whether the first and last
+            # stages share an embedding; these models have none to share.
+            if not hasattr(chunk, "share_embeddings_and_output_weights"):
+                chunk.share_embeddings_and_output_weights = False
+            chunks.append(chunk)
         if vpp:
-            parallel_state.set_virtual_pipeline_model_parallel_rank(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                parallel_state.set_virtual_pipeline_model_parallel_rank(0)
         config = chunks[0].config
         if tr.bf16:
             chunks = [Float16Module(config, m) for m in chunks]
@@ -136,6 +198,7 @@ class Trainer:
             use_distributed_optimizer=par.use_distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.models)
+        _tolerate_missing_adam_step(self.optimizer)
         # megatron requires warm-up < decay; a run shorter than its warm-up just never leaves it
         decay_steps = max(tr.train_iters, tr.lr_warmup_iters + 1) * self.global_batch_size
         self.scheduler = OptimizerParamScheduler(
@@ -169,11 +232,20 @@ class Trainer:
         if saved is not None:
             self._check_architecture(saved, ckpt)
         weights_only = tr.finetune or tr.skip_train
+        grids = {}
+        if saved is not None:
+            m = saved.get("model") or {}
+            if m.get("image_size") and m.get("patch_size"):
+                grids["saved_grid"] = tuple(s // m["patch_size"] for s in m["image_size"])
+                grids["current_grid"] = tuple(s // self.cfg.model.patch_size for s in self.cfg.model.image_size)
+        if not weights_only:
+            _initialize_optimizer_state(self.optimizer)
         state = load_checkpoint(
             tr.load, self.models,
             optimizer=None if weights_only else self.optimizer,
             scheduler=None if weights_only else self.scheduler,
             load_rng=not weights_only,
+            **grids,
         )
         kind = "weights only" if weights_only else f"resuming at iteration {state.iteration}"
         self.logger.info(f"loaded checkpoint {ckpt} ({kind})")
@@ -225,14 +297,20 @@ class Trainer:
         shape = self.task.pipeline_tensor_shape()
         return shape[0] if shape else 1
 
-    def _run_microbatches(self, stream, forward_only: bool, num_microbatches: int,
+    def _chunk_streams(self, make) -> List[Any]:
+        """One stream per model chunk. Under the interleaved schedule every chunk draws every
+        micro-batch from its own iterator, so each chunk gets an identical copy of the stream
+        (they stay in step: each takes ``num_microbatches`` per step)."""
+        return [make() for _ in self.models]
+
+    def _run_microbatches(self, streams, forward_only: bool, num_microbatches: int,
                           iteration: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
         step_func = self.task.forward_step
         if iteration is not None and fault_injection.nonfinite_at(iteration):
             step_func = fault_injection.poison_forward_step(step_func)
         return self.forward_backward(
             forward_step_func=step_func,
-            data_iterator=[stream] * len(self.models) if len(self.models) > 1 else stream,
+            data_iterator=streams if len(self.models) > 1 else streams[0],
             model=self.models if len(self.models) > 1 else self.models[0],
             num_microbatches=num_microbatches,
             seq_length=self._seq_length(),
@@ -273,11 +351,11 @@ class Trainer:
         tr = self.cfg.training
         for m in self.models:
             m.eval()
-        stream = self.task.eval_stream(self._unwrapped(), self.dp_rank, self.dp_size)
+        streams = self._chunk_streams(lambda: self.task.eval_stream(self._unwrapped(), self.dp_rank, self.dp_size))
         records = []
         with torch.no_grad():
             for _ in range(tr.eval_iters):
-                records.extend(self._run_microbatches(stream, True, self.num_microbatches))
+                records.extend(self._run_microbatches(streams, True, self.num_microbatches))
         result = self._reduce_losses(records)
         result.update(self.task.evaluate_extra(self._unwrapped(), step))
         for m in self.models:
@@ -287,6 +365,20 @@ class Trainer:
             f"{k} {v:.5f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
             if k not in ("kind", "step") and "/" not in k))  # per-variable metrics: metrics.jsonl (tasks print tables)
         return rec
+
+    def channel_layout(self) -> str:
+        """Which channels each TP rank owns (from the model's channel-group plan)."""
+        from megatron_dchag.distributed import describe_channel_layout
+
+        model = self._unwrapped()
+        encoder = getattr(model, "encoder", model)
+        plan = encoder.plan
+        channels = getattr(model, "channels", None)  # forecasting: named input/output channels
+        m = self.cfg.model
+        return describe_channel_layout(
+            plan, m.shards_channels, m.strategy, output_plan=getattr(model, "output_plan", None),
+            input_names=getattr(channels, "inputs", None), output_names=getattr(channels, "outputs", None),
+        )
 
     def _unwrapped(self) -> torch.nn.Module:
         m = self.models[0]
@@ -302,6 +394,7 @@ class Trainer:
         self._build()
         state = self._load()
         self.logger.info("resolved config:\n" + dump_config(cfg))
+        self.logger.info(self.channel_layout())
         if self.rank == 0 and self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             tmp = os.path.join(self.log_dir, ".config.yaml.tmp")
@@ -315,9 +408,11 @@ class Trainer:
             self.logger.close()
             return summary
 
-        stream = self.task.train_stream(self._unwrapped(), self.dp_rank, self.dp_size)
+        streams = self._chunk_streams(lambda: self.task.train_stream(self._unwrapped(), self.dp_rank, self.dp_size))
         if state.data_state is not None:
-            stream.load_state_dict(state.data_state)
+            for stream in streams:
+                stream.load_state_dict(state.data_state)
+        stream = streams[0]  # its position is the data state saved with checkpoints
         self.stop.install()
         iteration = state.iteration
         flops = self.task.flops_per_sample()
@@ -328,7 +423,7 @@ class Trainer:
                 for m in self.models:
                     m.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                records = self._run_microbatches(stream, False, self.num_microbatches, iteration + 1)
+                records = self._run_microbatches(streams, False, self.num_microbatches, iteration + 1)
                 losses = self._reduce_losses(records)
                 loss = losses.get("loss", float("nan"))
                 finite = math.isfinite(loss) and self._grads_finite()

@@ -1,0 +1,225 @@
+"""Offline checkpoint conversion: resharding, portable export/import, inspection.
+
+Each rank-level function below runs inside an initialized megatron ``parallel_state`` (one process
+per rank of the *target* layout; :func:`run_on_local_ranks` starts them on this machine with gloo).
+The model is rebuilt from the checkpoint's own ``config.yaml`` and the task name it recorded, so
+the same code converts MAE and forecasting checkpoints without being told which is which.
+
+- :func:`reshard_rank`: load model, optimizer, scheduler and data position under the target
+  layout (dist_checkpointing reshards on load) and save them again there.
+- :func:`export_rank`: one process at TP=PP=1; writes all weights, unsharded, to one safetensors
+  file with the model config, task and iteration as metadata.
+- :func:`import_rank`: the reverse, into a weights-only checkpoint (TP=PP=1; reshard afterwards
+  for another layout).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import yaml
+
+from megatron_dchag.config import ConfigError, ExperimentConfig, build_dataclass, config_to_dict, validate_config
+from megatron_dchag.training.checkpointing import (
+    CheckpointError,
+    TrainingState,
+    load_checkpoint,
+    read_checkpoint_config,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+)
+
+EXPORT_FORMAT = "megatron_dchag.portable"
+EXPORT_VERSION = "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading what a checkpoint is
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_description(load: str) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """(checkpoint dir, saved config dict, training state dict) without building anything."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = resolve_checkpoint_dir(load)
+    config = read_checkpoint_config(ckpt)
+    if config is None:
+        raise CheckpointError(f"'{ckpt}' has no config.yaml: not a megatron_dchag checkpoint")
+    common = dist_checkpointing.load_common_state_dict(ckpt)
+    return ckpt, config, dict(common.get("training_state") or {})
+
+
+def config_for_layout(saved: Dict[str, Any], tp: int, pp: int) -> ExperimentConfig:
+    """The saved config moved to another TP x PP layout (channel groups pinned to the saved G)."""
+    cfg = build_dataclass(ExperimentConfig, saved)
+    if cfg.model.channel_groups is None:  # G defaulted to the TP size at creation: keep that G
+        cfg.model.channel_groups = cfg.parallel.tensor_model_parallel_size
+    cfg.parallel.tensor_model_parallel_size = tp
+    cfg.parallel.pipeline_model_parallel_size = pp
+    if cfg.parallel.pipeline_layer_split is not None and len(cfg.parallel.pipeline_layer_split) != pp:
+        cfg.parallel.pipeline_layer_split = None
+    cfg.training.load = cfg.training.save = None
+    validate_config(cfg, world_size=tp * pp)
+    return cfg
+
+
+def _task(cfg: ExperimentConfig, name: Optional[str]):
+    from megatron_dchag.tasks.registry import task_class
+
+    if not name:
+        raise CheckpointError("the checkpoint does not record its task (saved by an older version)")
+    return task_class(name)(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank-level work
+# ----------------------------------------------------------------------------------------------
+
+
+def reshard_rank(load: str, save: str, tp: int, pp: int) -> int:
+    from megatron.core import parallel_state
+    from megatron_dchag.training.trainer import Trainer
+
+    _, saved, state = checkpoint_description(load)
+    cfg = config_for_layout(saved, tp, pp)
+    trainer = Trainer(cfg, _task(cfg, state.get("task")))
+    trainer._build(prepare_data=False)
+    weights_only = not state.get("has_optimizer", True)
+    loaded = load_checkpoint(load, trainer.models, None if weights_only else trainer.optimizer,
+                             None if weights_only else trainer.scheduler, load_rng=False)
+    loaded.layout = dict(tp=tp, pp=pp, dp=parallel_state.get_data_parallel_world_size())
+    loaded.has_optimizer = not weights_only
+    save_checkpoint(save, loaded.iteration, trainer.models, None if weights_only else trainer.optimizer,
+                    None if weights_only else trainer.scheduler, loaded, config_to_dict(cfg))
+    return loaded.iteration
+
+
+def _single_model(cfg: ExperimentConfig, task_name: str) -> torch.nn.Module:
+    return _task(cfg, task_name).build_model(pre_process=True, post_process=True)
+
+
+def export_rank(load: str, out_file: str) -> Dict[str, Any]:
+    from safetensors.torch import save_file
+
+    _, saved, state = checkpoint_description(load)
+    cfg = config_for_layout(saved, 1, 1)
+    model = _single_model(cfg, state.get("task"))
+    load_checkpoint(load, [model], load_rng=False)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+               if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "task": str(state.get("task")),
+        "iteration": str(state.get("iteration", 0)),
+        "config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120),
+    }
+    directory = os.path.dirname(os.path.abspath(out_file))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(out_file)}.tmp-{os.getpid()}")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, out_file)
+    return {"tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values())}
+
+
+def read_portable(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"portable file '{path}' does not exist")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise CheckpointError(f"'{path}' is not a readable safetensors file: {exc}") from None
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"'{path}' was not written by megatron_dchag (metadata format={metadata.get('format')!r})")
+    return tensors, metadata
+
+
+def import_rank(in_file: str, save: str) -> int:
+    tensors, metadata = read_portable(in_file)
+    cfg = config_for_layout(yaml.safe_load(metadata["config"]), 1, 1)
+    model = _single_model(cfg, metadata["task"])
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"'{in_file}' does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    iteration = int(metadata.get("iteration", 0))
+    state = TrainingState(iteration=iteration, layout=dict(tp=1, pp=1, dp=1), task=metadata["task"],
+                          has_optimizer=False)
+    save_checkpoint(save, iteration, [model], None, None, state, config_to_dict(cfg))
+    return iteration
+
+
+# ----------------------------------------------------------------------------------------------
+# Running ranks on this machine
+# ----------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, tp: int, pp: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    for var in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        os.environ.pop(var, None)
+    try:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        from megatron_dchag.distributed import destroy_distributed, initialize_distributed
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            initialize_distributed(tp, pp, seed=0)
+        result = fn(*args)
+        destroy_distributed()
+        queue.put((rank, result, None))
+    except Exception as exc:
+        queue.put((rank, None, (type(exc).__name__, str(exc), traceback.format_exc())))
+
+
+def run_on_local_ranks(world_size: int, tp: int, pp: int, fn: Callable, *args: Any) -> Any:
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks of this machine; returns rank 0's result.
+
+    A user error on any rank is re-raised here as the same kind of error (ConfigError,
+    CheckpointError) with its message."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, tp, pp, fn, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    for _ in range(world_size):
+        rank, result, err = queue.get()
+        if err is not None:
+            errors.append((rank, err))
+            break
+        results[rank] = result
+    for p in procs:
+        if errors:
+            p.kill()
+        p.join()
+    if errors:
+        rank, (kind, message, tb) = errors[0]
+        error_type = {"ConfigError": ConfigError, "CheckpointError": CheckpointError}.get(kind)
+        if error_type is not None:
+            raise error_type(message)
+        raise RuntimeError(f"rank {rank} failed:\n{tb}")
+    return results[0]
