@@ -349,8 +349,10 @@ def load_config(
     overrides: Sequence[str] = (),
     validate: bool = True,
     world_size: Optional[int] = None,
+    workload_sections: Optional[Sequence[str]] = None,
 ) -> ExperimentConfig:
-    """Load a YAML config, apply dotted overrides, build the dataclasses and validate them."""
+    """Load a YAML config, apply dotted overrides, build the dataclasses and validate them
+    (``workload_sections``: see :func:`validate_config`)."""
     tree: Dict[str, Any] = load_yaml(path) if path else {}
     for text in overrides:
         key_path, value = parse_override(text)
@@ -358,7 +360,7 @@ def load_config(
     tree = _resolve_interpolations(tree, path or "overrides")
     cfg = build_dataclass(ExperimentConfig, tree)
     if validate:
-        validate_config(cfg, world_size=world_size)
+        validate_config(cfg, world_size=world_size, workload_sections=workload_sections)
     return cfg
 
 
@@ -495,30 +497,24 @@ def validate_model_config(model: ModelConfig, tensor_model_parallel_size: int = 
             raise ConfigError(f"model.{name}={value} must be in [0, 1)")
 
 
-def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None) -> None:
-    """Validate the whole experiment; ``world_size`` (when known) is checked against TP x PP x DP."""
+WORKLOAD_SECTIONS = ("mae", "forecast")
+
+
+def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None,
+                    workload_sections: Optional[Sequence[str]] = None) -> None:
+    """Validate the whole experiment; ``world_size`` (when known) is checked against TP x PP x DP.
+
+    ``workload_sections``: which workload sections (``mae``, ``forecast``) the run uses and must be
+    valid (``None``: all of them). An unused section's defaults must not reject a run, e.g. the
+    MAE decoder's 4 heads at TP=8 in a forecasting run.
+    """
+    sections = WORKLOAD_SECTIONS if workload_sections is None else tuple(workload_sections)
     par, tr = cfg.parallel, cfg.training
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         if getattr(par, name) < 1:
             raise ConfigError(f"parallel.{name}={getattr(par, name)} must be a positive integer")
     validate_model_config(cfg.model, par.tensor_model_parallel_size)
-    if par.pipeline_layer_split is not None:
-        if len(par.pipeline_layer_split) != par.pipeline_model_parallel_size:
-            raise ConfigError(
-                f"parallel.pipeline_layer_split has {len(par.pipeline_layer_split)} entries but "
-                f"parallel.pipeline_model_parallel_size={par.pipeline_model_parallel_size}"
-            )
-        if sum(par.pipeline_layer_split) != cfg.model.num_layers:
-            raise ConfigError(
-                f"parallel.pipeline_layer_split sums to {sum(par.pipeline_layer_split)} but "
-                f"model.num_layers={cfg.model.num_layers}"
-            )
-    elif cfg.model.num_layers % par.pipeline_model_parallel_size:
-        raise ConfigError(
-            f"model.num_layers={cfg.model.num_layers} is not divisible by "
-            f"parallel.pipeline_model_parallel_size={par.pipeline_model_parallel_size} "
-            "(or give parallel.pipeline_layer_split)"
-        )
+    validate_parallel_config(cfg, sections)
     if tr.recompute_granularity not in RECOMPUTE_GRANULARITIES:
         raise ConfigError(
             f"training.recompute_granularity={tr.recompute_granularity!r} is not one of "
@@ -531,19 +527,10 @@ def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None) -> 
     if tr.lr < 0 or tr.min_lr < 0:
         raise ConfigError("training.lr and training.min_lr must be >= 0")
     mae, tp = cfg.mae, par.tensor_model_parallel_size
-    if mae.decoder_hidden_size % mae.decoder_num_attention_heads:
-        raise ConfigError(
-            f"mae.decoder_hidden_size={mae.decoder_hidden_size} is not divisible by "
-            f"mae.decoder_num_attention_heads={mae.decoder_num_attention_heads}"
-        )
-    if mae.decoder_num_attention_heads % tp:
-        raise ConfigError(
-            f"mae.decoder_num_attention_heads={mae.decoder_num_attention_heads} is not divisible by "
-            f"parallel.tensor_model_parallel_size={tp}"
-        )
-    if not 0.0 <= cfg.mae.mask_ratio < 1.0:
-        raise ConfigError(f"mae.mask_ratio={cfg.mae.mask_ratio} must be in [0, 1)")
-    validate_forecast_config(cfg.forecast)
+    if "mae" in sections:
+        validate_mae_config(mae, tp)
+    if "forecast" in sections:
+        validate_forecast_config(cfg.forecast)
     if world_size is not None:
         model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
         if world_size % model_parallel:
@@ -559,6 +546,79 @@ def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None) -> 
                 f"training.global_batch_size={gbs} is not divisible by training.micro_batch_size="
                 f"{tr.micro_batch_size} x data-parallel size {dp}"
             )
+        pp = par.pipeline_model_parallel_size
+        microbatches = gbs // (tr.micro_batch_size * dp)
+        if par.virtual_pipeline_model_parallel_size and microbatches % pp:
+            raise ConfigError(
+                f"the interleaved schedule (parallel.virtual_pipeline_model_parallel_size="
+                f"{par.virtual_pipeline_model_parallel_size}) needs a number of micro-batches per step that is a "
+                f"multiple of parallel.pipeline_model_parallel_size={pp}, got {microbatches} (training.global_batch_size="
+                f"{gbs} / (training.micro_batch_size={tr.micro_batch_size} x data-parallel size {dp}))"
+            )
+
+
+def validate_parallel_config(cfg: ExperimentConfig, sections: Sequence[str] = WORKLOAD_SECTIONS) -> None:
+    """Pipeline split, interleaving and sequence-parallel rules of the ``parallel`` section."""
+    par, model = cfg.parallel, cfg.model
+    pp, tp = par.pipeline_model_parallel_size, par.tensor_model_parallel_size
+    vpp = par.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        if vpp < 2:
+            raise ConfigError(
+                f"parallel.virtual_pipeline_model_parallel_size={vpp} must be at least 2 (leave it unset "
+                "for the non-interleaved 1F1B schedule)"
+            )
+        if pp < 2:
+            raise ConfigError(
+                f"parallel.virtual_pipeline_model_parallel_size={vpp} needs parallel.pipeline_model_parallel_size "
+                f"> 1, got {pp}"
+            )
+    stages = pp * (vpp or 1)
+    split = par.pipeline_layer_split
+    if split is not None:
+        allowed = {pp, stages}
+        if len(split) not in allowed:
+            expected = f"{pp}" if len(allowed) == 1 else f"{pp} (one per stage) or {stages} (one per virtual stage)"
+            raise ConfigError(
+                f"parallel.pipeline_layer_split has {len(split)} entries but needs {expected} "
+                f"(parallel.pipeline_model_parallel_size={pp}"
+                + (f", parallel.virtual_pipeline_model_parallel_size={vpp})" if vpp else ")")
+            )
+        if any(n < 0 for n in split):
+            raise ConfigError(f"parallel.pipeline_layer_split={split} has a negative layer count")
+        if sum(split) != model.num_layers:
+            raise ConfigError(
+                f"parallel.pipeline_layer_split sums to {sum(split)} but "
+                f"model.num_layers={model.num_layers}"
+            )
+    elif model.num_layers % stages:
+        what = (f"parallel.pipeline_model_parallel_size={pp}" if not vpp else
+                f"parallel.pipeline_model_parallel_size={pp} x parallel.virtual_pipeline_model_parallel_size={vpp}")
+        raise ConfigError(
+            f"model.num_layers={model.num_layers} is not divisible by {what} "
+            "(or give parallel.pipeline_layer_split)"
+        )
+    if par.sequence_parallel:
+        if tp < 2:
+            raise ConfigError(
+                f"parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1, got {tp} "
+                "(it splits the sequence over the tensor-parallel ranks)"
+            )
+        if "forecast" in sections and model.num_patches % tp:
+            raise ConfigError(
+                f"parallel.sequence_parallel=true: the {model.num_patches} patches of model.image_size="
+                f"{list(model.image_size)} / model.patch_size={model.patch_size} are not divisible by "
+                f"parallel.tensor_model_parallel_size={tp}"
+            )
+        if "mae" in sections:
+            masked = min(max(int(round(model.num_patches * cfg.mae.mask_ratio)), 1), model.num_patches - 1)
+            visible = model.num_patches - masked
+            if visible % tp:
+                raise ConfigError(
+                    f"parallel.sequence_parallel=true: the encoder's {visible} visible patches ({model.num_patches} "
+                    f"patches, mae.mask_ratio={cfg.mae.mask_ratio}) are not divisible by "
+                    f"parallel.tensor_model_parallel_size={tp}"
+                )
 
 
 def validate_forecast_config(fc: ForecastConfig) -> None:
@@ -586,3 +646,20 @@ def validate_forecast_config(fc: ForecastConfig) -> None:
         raise ConfigError(
             f"forecast.latitude_weighting='{fc.latitude_weighting}' is not one of {', '.join(LATITUDE_WEIGHTINGS)}"
         )
+
+
+def validate_mae_config(mae: MAEConfig, tensor_model_parallel_size: int = 1) -> None:
+    """Rules of the ``mae`` section (masked-autoencoder workload)."""
+    tp = tensor_model_parallel_size
+    if mae.decoder_hidden_size % mae.decoder_num_attention_heads:
+        raise ConfigError(
+            f"mae.decoder_hidden_size={mae.decoder_hidden_size} is not divisible by "
+            f"mae.decoder_num_attention_heads={mae.decoder_num_attention_heads}"
+        )
+    if mae.decoder_num_attention_heads % tp:
+        raise ConfigError(
+            f"mae.decoder_num_attention_heads={mae.decoder_num_attention_heads} is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}"
+        )
+    if not 0.0 <= mae.mask_ratio < 1.0:
+        raise ConfigError(f"mae.mask_ratio={mae.mask_ratio} must be in [0, 1)")

@@ -14,18 +14,16 @@
    weights are initialised identically everywhere), then megatron's
    ``model_parallel_cuda_manual_seed`` sets up the tensor-parallel RNG tracker.
 
-:func:`destroy_distributed` undoes 4; :func:`describe_parallel_layout` lists every rank's place.
+:func:`destroy_distributed` undoes 4; :func:`describe_parallel_layout` lists every rank's place
+and :func:`describe_channel_layout` which channels every TP rank owns (the trainer prints both).
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 import random
-import re
 import socket
-from dataclasses import dataclass
-from typing import List, Mapping, MutableMapping, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +31,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_dchag.cpu_compat import install_cpu_compat
+from megatron_dchag.launch_env import (  # noqa: F401  (re-exported: the launch side lives there)
+    DEFAULT_MASTER_PORT,
+    LaunchEnv,
+    expand_hostlist,
+    find_free_port,
+    resolve_launch_env,
+)
 
 __all__ = [
     "LaunchEnv",
+    "describe_channel_layout",
     "describe_parallel_layout",
     "destroy_distributed",
     "expand_hostlist",
@@ -44,225 +50,6 @@ __all__ = [
     "resolve_launch_env",
     "seed_everything",
 ]
-
-DEFAULT_MASTER_PORT = 29500
-# Ports derived from SLURM_JOB_ID lie in [10000, 30000): below Linux's ephemeral range.
-_SLURM_PORT_BASE = 10000
-_SLURM_PORT_SPAN = 20000
-
-
-@dataclass
-class LaunchEnv:
-    """Where this process sits in the job, as the launcher described it."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "torchrun", "srun" or "python"
-
-    def export(self, environ: Optional[MutableMapping[str, str]] = None) -> None:
-        """Write the variables torch's ``env://`` rendezvous reads."""
-        environ = os.environ if environ is None else environ
-        environ["RANK"] = str(self.rank)
-        environ["LOCAL_RANK"] = str(self.local_rank)
-        environ["WORLD_SIZE"] = str(self.world_size)
-        environ["MASTER_ADDR"] = self.master_addr
-        environ["MASTER_PORT"] = str(self.master_port)
-
-
-# --------------------------------------------------------------------------------------------
-# Launch environment
-# --------------------------------------------------------------------------------------------
-
-
-def _split_top_level(text: str) -> List[str]:
-    """Split on commas that are not inside ``[...]``."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"Unbalanced ']' in Slurm host list {text!r}")
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    if depth != 0:
-        raise ValueError(f"Unbalanced '[' in Slurm host list {text!r}")
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _expand_range_list(spec: str, hostlist: str) -> List[str]:
-    """``"00012-00015,00020"`` -> ``["00012", ..., "00015", "00020"]`` (zero padding kept)."""
-    values = []
-    for item in spec.split(","):
-        item = item.strip()
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
-        if match is None:
-            raise ValueError(f"Cannot parse range {item!r} in Slurm host list {hostlist!r}")
-        lo, hi = match.group(1), match.group(2)
-        if hi is None:
-            values.append(lo)
-            continue
-        if int(hi) < int(lo):
-            raise ValueError(f"Descending range {item!r} in Slurm host list {hostlist!r}")
-        width = len(lo)
-        values.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
-    return values
-
-
-def _expand_host_pattern(pattern: str, hostlist: str) -> List[str]:
-    """Expand one host pattern; several bracket groups give their Cartesian product."""
-    match = re.search(r"\[([^\[\]]*)\]", pattern)
-    if match is None:
-        return [pattern]
-    prefix, suffix = pattern[: match.start()], pattern[match.end():]
-    return [
-        host
-        for value in _expand_range_list(match.group(1), hostlist)
-        for host in _expand_host_pattern(prefix + value + suffix, hostlist)
-    ]
-
-
-def expand_hostlist(hostlist: str) -> List[str]:
-    """Expand a Slurm host list, e.g. ``"frontier[00012-00015,00020],login1"``.
-
-    Handles plain ``"host1,host2"``, bracketed ranges and lists with their zero padding
-    (``"nid[001-002]"`` -> ``["nid001", "nid002"]``) and several bracket groups per host
-    (``"r[1-2]n[1-2]"`` -> ``["r1n1", "r1n2", "r2n1", "r2n2"]``). Pure python: no ``scontrol``.
-    """
-    return [
-        host
-        for pattern in _split_top_level(hostlist)
-        for host in _expand_host_pattern(pattern, hostlist)
-    ]
-
-
-def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the usual small race applies)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _int_var(environ: Mapping[str, str], name: str) -> int:
-    value = environ[name]
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"Environment variable {name}={value!r} is not an integer") from None
-
-
-def _slurm_master_port(environ: Mapping[str, str]) -> int:
-    job_id = environ.get("SLURM_JOB_ID", environ.get("SLURM_JOBID", ""))
-    if job_id.isdigit():
-        return _SLURM_PORT_BASE + int(job_id) % _SLURM_PORT_SPAN
-    return DEFAULT_MASTER_PORT
-
-
-def _validate(env: LaunchEnv) -> LaunchEnv:
-    if env.world_size < 1:
-        raise ValueError(f"World size must be >= 1, got {env.world_size} ({env.launcher})")
-    if not 0 <= env.rank < env.world_size:
-        raise ValueError(
-            f"Rank {env.rank} is outside [0, {env.world_size}) (world size {env.world_size}, "
-            f"{env.launcher})"
-        )
-    if env.local_rank < 0:
-        raise ValueError(f"Local rank must be >= 0, got {env.local_rank} ({env.launcher})")
-    if not 0 < env.master_port < 65536:
-        raise ValueError(f"MASTER_PORT must be in 1..65535, got {env.master_port}")
-    return env
-
-
-def resolve_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
-    """Work out rank, world size and rendezvous address from the launcher's variables.
-
-    Precedence:
-
-    * **torchrun** (also any launcher exporting the same names): ``RANK`` and ``WORLD_SIZE``,
-      with ``LOCAL_RANK`` (default 0), ``MASTER_ADDR`` (default 127.0.0.1) and ``MASTER_PORT``
-      (default 29500).
-    * **srun**: ``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS`` (or ``SLURM_NPROCS``);
-      ``MASTER_ADDR`` defaults to the first host of ``SLURM_STEP_NODELIST`` (where task 0 of the
-      step runs), else ``SLURM_JOB_NODELIST``, else ``SLURM_NODELIST``; ``MASTER_PORT`` defaults to
-      a port derived from ``SLURM_JOB_ID`` (so concurrent jobs on shared nodes differ), else 29500.
-      ``MASTER_ADDR``/``MASTER_PORT`` set in the environment are respected.
-    * **python**: one process, rank 0, ``MASTER_ADDR`` 127.0.0.1 and a free port (or the values of
-      ``MASTER_ADDR``/``MASTER_PORT`` if set).
-    """
-    has_rank, has_world = "RANK" in environ, "WORLD_SIZE" in environ
-    if has_rank != has_world:
-        present, missing = ("RANK", "WORLD_SIZE") if has_rank else ("WORLD_SIZE", "RANK")
-        raise ValueError(
-            f"{present} is set but {missing} is not: set both (torchrun does) or neither"
-        )
-
-    if has_rank:
-        env = LaunchEnv(
-            rank=_int_var(environ, "RANK"),
-            local_rank=_int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
-            world_size=_int_var(environ, "WORLD_SIZE"),
-            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=(
-                _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ
-                else DEFAULT_MASTER_PORT
-            ),
-            launcher="torchrun",
-        )
-        return _validate(env)
-
-    if "SLURM_PROCID" in environ:
-        ntasks_var = next((v for v in ("SLURM_NTASKS", "SLURM_NPROCS") if v in environ), None)
-        if ntasks_var is None:
-            raise ValueError("SLURM_PROCID is set but neither SLURM_NTASKS nor SLURM_NPROCS is")
-        if "MASTER_ADDR" in environ:
-            master_addr = environ["MASTER_ADDR"]
-        else:
-            nodelist_var = next(
-                (v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                 if environ.get(v)),
-                None,
-            )
-            if nodelist_var is None:
-                raise ValueError(
-                    "Running under Slurm but no node list (SLURM_JOB_NODELIST / SLURM_NODELIST)"
-                    " and no MASTER_ADDR: cannot find the rendezvous host"
-                )
-            hosts = expand_hostlist(environ[nodelist_var])
-            if not hosts:
-                raise ValueError(f"{nodelist_var}={environ[nodelist_var]!r} lists no host")
-            master_addr = hosts[0]
-        env = LaunchEnv(
-            rank=_int_var(environ, "SLURM_PROCID"),
-            local_rank=_int_var(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
-            world_size=_int_var(environ, ntasks_var),
-            master_addr=master_addr,
-            master_port=(
-                _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ
-                else _slurm_master_port(environ)
-            ),
-            launcher="srun",
-        )
-        return _validate(env)
-
-    master_addr = environ.get("MASTER_ADDR", "127.0.0.1")
-    env = LaunchEnv(
-        rank=0,
-        local_rank=0,
-        world_size=1,
-        master_addr=master_addr,
-        master_port=(
-            _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ
-            else find_free_port()
-        ),
-        launcher="python",
-    )
-    return _validate(env)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +190,57 @@ def describe_parallel_layout() -> str:
             rank_in_group, members = info[key]
             cells.append(f"{f'{rank_in_group}/{size}':<7}{_format_ranks(members):<18}")
         lines.append(f"  {info['rank']:>5}  " + "".join(cells) + info["host"])
+    return "\n".join(lines)
+
+
+def _span(lo: int, hi: int, names: Optional[Sequence[str]] = None) -> str:
+    """``"126-251 (126)"``; with names ``"t_50..u_1000 (126)"``; ``"-"`` when empty."""
+    if hi <= lo:
+        return "- (0)"
+    if names is not None:
+        first, last = names[lo], names[hi - 1]
+        return f"{first} ({hi - lo})" if hi - lo == 1 else f"{first}..{last} ({hi - lo})"
+    return f"{lo} (1)" if hi - lo == 1 else f"{lo}-{hi - 1} ({hi - lo})"
+
+
+def describe_channel_layout(
+    plan,
+    shards_channels: bool = True,
+    strategy: str = "dchag",
+    output_plan=None,
+    input_names: Optional[Sequence[str]] = None,
+    output_names: Optional[Sequence[str]] = None,
+) -> str:
+    """Which channel groups and channels every TP rank owns, as a table (pure; no communication).
+
+    Args:
+        plan: the model's :class:`~megatron_dchag.layers.channel_plan.ChannelGroupPlan` (any rank's;
+            only the global partition and the TP size are used).
+        shards_channels: whether a rank tokenizes only its own channels (``dchag``,
+            ``dist_tokenize``); otherwise every rank reads all of them.
+        strategy: the model's strategy, for the heading.
+        output_plan: the plan of the head's output channels when it differs from ``plan``
+            (forecasting a subset of the inputs); default ``plan``.
+        input_names, output_names: channel names (e.g. ERA5 ``z_500``), shown instead of indices.
+    """
+    output_plan = output_plan or plan
+    sizes = plan.group_sizes
+    distinct = sorted(set(sizes), reverse=True)
+    size_text = ", ".join(f"{s} x{sizes.count(s)}" for s in distinct)
+    tp = plan.tp_size
+    lines = [
+        f"Channel layout: {plan.num_channels} channels in G={plan.num_groups} groups (sizes {size_text}), "
+        f"strategy {strategy}, TP {tp}: each TP rank "
+        + ("tokenizes only its own groups" if shards_channels else "tokenizes all channels")
+        + " and predicts only its own channels (the same on every PP stage and DP replica)",
+        f"  {'TP rank':>7}  {'groups':<10}{'input channels':<28}{'output channels (head)'}",
+    ]
+    for r in range(tp):
+        groups = plan.rank_groups(r)
+        group_text = f"{groups[0]}" if len(groups) == 1 else f"{groups[0]}-{groups[-1]}"
+        lo, hi = plan.rank_channel_range(r) if shards_channels else (0, plan.num_channels)
+        olo, ohi = output_plan.rank_channel_range(r)
+        lines.append(f"  {r:>7}  {group_text:<10}{_span(lo, hi, input_names):<28}{_span(olo, ohi, output_names)}")
     return "\n".join(lines)
 
 

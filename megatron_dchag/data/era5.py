@@ -663,14 +663,14 @@ def sample_lead_hours(
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_range(rng: Optional[Sequence[int]], n: int, what: str) -> Tuple[int, int]:
+def _resolve_range(rng: Optional[Sequence[int]], n: int, what: str, allow_empty: bool = False) -> Tuple[int, int]:
     if rng is None:
         return 0, n
     if len(rng) != 2:
         raise ValueError(f"{what} must be (start, stop), got {rng!r}")
     start, stop = int(rng[0]), int(rng[1])
-    if not 0 <= start < stop <= n:
-        raise ValueError(f"{what}=({start}, {stop}) is not a non-empty range within [0, {n}]")
+    if not (0 <= start <= stop <= n if allow_empty else 0 <= start < stop <= n):
+        raise ValueError(f"{what}=({start}, {stop}) is not a {'' if allow_empty else 'non-empty '}range within [0, {n}]")
     return start, stop
 
 
@@ -741,7 +741,8 @@ class ERA5Dataset(torch.utils.data.Dataset):
             default_out = (0, len(self.output_specs))
         self.output_channel_range = (
             default_out if output_channel_range is None
-            else _resolve_range(output_channel_range, len(self.output_specs), "output_channel_range")
+            # empty: a rank that predicts none of a subset of outputs (it still reads its inputs)
+            else _resolve_range(output_channel_range, len(self.output_specs), "output_channel_range", allow_empty=True)
         )
         # Validate the *global* lists (metadata only) so every rank fails with the same message.
         ChannelReader(ds, self.channel_specs, self.source)
@@ -751,8 +752,8 @@ class ERA5Dataset(torch.utils.data.Dataset):
         union: List[ChannelSpec] = list(dict.fromkeys(self.input_specs + self.local_output_specs))
         self._reader = ChannelReader(ds, union, self.source)
         pos = {s.name: i for i, s in enumerate(union)}
-        self._input_pos = np.array([pos[s.name] for s in self.input_specs])
-        self._output_pos = np.array([pos[s.name] for s in self.local_output_specs])
+        self._input_pos = np.array([pos[s.name] for s in self.input_specs], dtype=np.int64)
+        self._output_pos = np.array([pos[s.name] for s in self.local_output_specs], dtype=np.int64)
 
         # Times: range, split, leads, valid initial times.
         if TIME_DIM not in ds.coords or ds.sizes.get(TIME_DIM, 0) == 0:

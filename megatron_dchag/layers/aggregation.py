@@ -20,7 +20,12 @@ computed together:
 ``N`` tokens of each patch position, heads split across TP ranks with megatron-core
 ``ColumnParallelLinear`` / ``RowParallelLinear``. Its first layer's input path is megatron's
 copy-to-TP-region (backward all-reduce), which is what makes the communication-free backward of
-the preceding all-gather exact.
+the preceding all-gather exact. It is evaluated in the same folded form as the partial levels (no
+``[N, L*B, 2D/T]`` keys/values); ``folded = False`` selects the textbook form.
+
+Both cross-attention forms pool through :class:`ChunkAttentionPool`, whose backward writes the
+gradient of the tokens into one buffer (plain autograd would hold three token-sized gradients).
+Linear levels with equal chunks are one batched product (no block matrix, no wasted work).
 """
 
 from __future__ import annotations
@@ -272,6 +277,9 @@ class FinalChannelCrossAttention(GroupShardedStateMixin, nn.Module):
     ``linear_kv`` (column-parallel, ``D -> 2D``, laid out per head as ``[heads, (k, v), head_dim]``)
     and ``linear_q`` (column-parallel, applied to the replicated learned query) split the heads
     across TP ranks; ``linear_proj`` (row-parallel) merges them with megatron's all-reduce.
+    The parameters are used directly in the folded evaluation (:meth:`forward_folded`); the
+    textbook evaluation (:meth:`forward_unfolded`, also used with sequence parallelism) calls the
+    layers. Both compute the same function with the same parameters.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, num_heads: int, seed: int):
@@ -299,6 +307,13 @@ class FinalChannelCrossAttention(GroupShardedStateMixin, nn.Module):
             bias=True, input_is_parallel=True, skip_bias_add=False,
         )
 
+    def _query_input(self, dtype: torch.dtype) -> torch.Tensor:
+        q = self.query.to(dtype).view(1, 1, self.hidden_size)
+        # Under no_grad (e.g. the first pass of activation recompute) a view of a parameter still
+        # reports requires_grad without a grad_fn, which breaks module hooks (torch's ModTracker /
+        # MemTracker); no graph is built there, so detaching changes nothing.
+        return q if torch.is_grad_enabled() else q.detach()
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.linear_kv.sequence_parallel or not self.folded:
             return self.forward_unfolded(tokens)
@@ -320,7 +335,7 @@ class FinalChannelCrossAttention(GroupShardedStateMixin, nn.Module):
         x = tensor_parallel.copy_to_tensor_model_parallel_region(tokens.reshape(n, l * b, d))
         w = self.linear_kv.weight.to(dtype).view(h, 2, e, d)
         bias = self.linear_kv.bias.to(dtype).view(h, 2, e)
-        q, _ = self.linear_q(self.query.to(dtype).view(1, 1, d))  # [1, 1, D/T]
+        q, _ = self.linear_q(self._query_input(dtype))  # [1, 1, D/T]
         q = q.view(h, e) / math.sqrt(e)
         u = torch.einsum("he,hed->hd", q, w[:, 0])  # [h, D]
         offset = (q * bias[:, 0]).sum(-1)  # [h]
@@ -337,7 +352,7 @@ class FinalChannelCrossAttention(GroupShardedStateMixin, nn.Module):
         kv, _ = self.linear_kv(tokens.reshape(n, l * b, d))  # [N, LB, 2D/T]
         kv = kv.view(n, l * b, h, 2, e)
         key, value = kv[..., 0, :], kv[..., 1, :]
-        q, _ = self.linear_q(self.query.to(tokens.dtype).view(1, 1, d))  # [1, 1, D/T]
+        q, _ = self.linear_q(self._query_input(tokens.dtype))  # [1, 1, D/T]
         q = q.view(h, e)
         scores = (key * q).sum(-1) / math.sqrt(e)  # [N, LB, h]
         probs = torch.softmax(_at_least_fp32(scores), dim=0).to(tokens.dtype)

@@ -9,6 +9,12 @@
   the loss is the MSE over masked patches of **all** channels.
 - ``norm_pix_loss`` normalizes each target channel-patch by its own mean and variance (per channel,
   so no communication is needed).
+
+Pipeline parallelism: the encoder's backbone layers are split over the stages (the first owns the
+channel stage); the decoder, head and loss live whole on the last stage. Every tensor sent between
+stages is the encoder's ``[L_visible, B, D]`` (``[L_visible/T, B, D]`` under sequence
+parallelism). Every stage is given the batch (images and masks): the first tokenizes the visible
+patches, the last needs the masks and its output channels' pixels for the loss.
 """
 
 from __future__ import annotations
@@ -28,15 +34,19 @@ from megatron_dchag.layers.embeddings import sincos_2d, xavier_uniform_
 from megatron_dchag.layers.heads import ChannelParallelHead, reduce_loss_across_tp
 from megatron_dchag.layers.tokenizer import patchify_channels_first
 from megatron_dchag.models.encoder import DCHAGEncoder, make_transformer_config
-from megatron_dchag.models.vit_spec import get_vit_layer_spec
+from megatron_dchag.models.vit_spec import get_vit_block_spec
+
+
+def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
+    """Masked patch positions per sample (at least one, and at least one stays visible)."""
+    return min(max(int(round(num_patches * mask_ratio)), 1), num_patches - 1)
 
 
 def random_patch_mask(
     num_patches: int, mask_ratio: float, batch_size: int, generator: torch.Generator
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample random split of patch positions: ``(visible [B, Lv], masked [B, Lm])``, sorted."""
-    num_masked = int(round(num_patches * mask_ratio))
-    num_masked = min(max(num_masked, 1), num_patches - 1)
+    num_masked = num_masked_patches(num_patches, mask_ratio)
     order = torch.argsort(torch.rand(batch_size, num_patches, generator=generator), dim=1)
     visible = torch.sort(order[:, num_masked:], dim=1).values
     masked = torch.sort(order[:, :num_masked], dim=1).values
@@ -53,20 +63,27 @@ class MAEOutput(NamedTuple):
 
 
 class MaskedAutoencoder(MegatronModule):
-    def __init__(self, cfg: ExperimentConfig, seed: int = 1234, wavelengths: Optional[Sequence[float]] = None):
+    def __init__(self, cfg: ExperimentConfig, seed: int = 1234, wavelengths: Optional[Sequence[float]] = None,
+                 pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
         model, mae = cfg.model, cfg.mae
         validate_model_config(model, cfg.parallel.tensor_model_parallel_size)
         enc_config = make_transformer_config(model, cfg.parallel, cfg.training)
         super().__init__(config=enc_config)
         self.model_type = ModelType.encoder_or_decoder
         self.mae: MAEConfig = mae
+        self.pre_process, self.post_process = pre_process, post_process
         self.encoder = DCHAGEncoder(
-            model, enc_config, seed=seed, wavelengths=wavelengths,
+            model, enc_config, seed=seed, wavelengths=wavelengths, pre_process=pre_process,
+            post_process=post_process, vp_stage=vp_stage,
             recompute_channel_stage=cfg.training.recompute_granularity == "channel_stage",
         )
         d, dd = model.hidden_size, mae.decoder_hidden_size
         self.patch_size = model.patch_size
         self.grid = self.encoder.grid
+        self._input_range = self.encoder.plan.owned_channel_range(model.shards_channels)
+        self._output_range = self.encoder.plan.owned_channel_range(sharded=True)
+        if not post_process:
+            return
         self.decoder_embed = nn.Linear(d, dd)
         self.mask_token = nn.Parameter(torch.empty(dd))
         with torch.no_grad():
@@ -76,23 +93,31 @@ class MaskedAutoencoder(MegatronModule):
         self.register_buffer("decoder_pos", sincos_2d(self.grid[0], self.grid[1], dd), persistent=False)
         dec_config = make_transformer_config(
             model, cfg.parallel, cfg.training, num_layers=mae.decoder_num_layers, hidden_size=dd,
-            num_attention_heads=mae.decoder_num_attention_heads,
+            num_attention_heads=mae.decoder_num_attention_heads, pipelined=False,
         )
-        self.decoder = TransformerBlock(config=dec_config, spec=get_vit_layer_spec(model.transformer_impl))
+        self.decoder = TransformerBlock(config=dec_config, spec=get_vit_block_spec(dec_config, model.transformer_impl))
         self.head = ChannelParallelHead(self.encoder.plan, dd, self.patch_size**2, seed, name="mae.head")
+        assert self.head.channel_range == self._output_range
 
     @property
     def input_channel_range(self) -> Tuple[int, int]:
-        return self.encoder.input_channel_range
+        """Input channels this rank reads (the same on every pipeline stage): ``[start, stop)``."""
+        return self._input_range
 
     @property
     def output_channel_range(self) -> Tuple[int, int]:
-        return self.head.channel_range
+        return self._output_range
 
-    def forward(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor) -> MAEOutput:
-        """``images [B, C_in, H, W]`` with this rank's input channels; ``visible``/``masked`` ``[B, L*]``."""
+    def forward(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor):
+        """``images [B, C_in, H, W]`` with this rank's input channels; ``visible``/``masked`` ``[B, L*]``.
+
+        Returns an :class:`MAEOutput` on the last pipeline stage, else the encoder's hidden states
+        for the next stage.
+        """
         b = images.shape[0]
-        latent = self.encoder(images, patch_index=visible)  # [Lv, B, D]
+        latent = self.encoder(images if self.pre_process else None, patch_index=visible)  # [Lv, B, D]
+        if not self.post_process:
+            return latent
         tokens = self.decoder_embed(latent)  # [Lv, B, Dd]
         num_patches = self.grid[0] * self.grid[1]
         full = self.mask_token.to(tokens.dtype).expand(num_patches, b, -1).clone()

@@ -5,6 +5,10 @@
   ``torch.nn.functional.scaled_dot_product_attention`` (CPU, ROCm and CUDA; no Transformer Engine).
 - :func:`get_vit_layer_te_spec`: the Transformer-Engine version, available only when TE imports.
 - :func:`get_vit_layer_spec` picks one from ``model.transformer_impl`` (``auto`` = TE if present).
+- :func:`get_vit_block_spec`: the whole ``TransformerBlock`` of one pipeline stage (its layers and
+  the final norm), for a given config and virtual pipeline stage.
+- :class:`VitLayerNorm`: the local spec's norm, a ``torch.nn.LayerNorm`` that also works under
+  sequence parallelism (megatron's torch fallback ``WrappedTorchNorm`` refuses it).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import divide
@@ -94,16 +98,45 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-def get_vit_layer_local_spec() -> ModuleSpec:
-    """Bidirectional ViT layer: pre-norm attention + MLP, megatron-core TP linears, SDPA core."""
-    norm = WrappedTorchNorm
-    try:  # apex's fused layer norm when present (not required)
+class VitLayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` built from megatron's norm arguments; works with sequence parallelism.
+
+    Under sequence parallelism each TP rank normalizes its own slice of the sequence, so the
+    gradients of the (replicated) weight and bias are partial sums. Marking them
+    ``sequence_parallel=True`` makes megatron's ``finalize_model_grads`` all-reduce them over the
+    TP group, as it does for its fused norms. Without sequence parallelism this is exactly
+    ``torch.nn.LayerNorm`` (same parameters, same state-dict keys as ``WrappedTorchNorm``).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 persist_layer_norm: bool = False, zero_centered_gamma: bool = False,
+                 normalization: str = "LayerNorm"):
+        if config.normalization != "LayerNorm":
+            raise ValueError(f"VitLayerNorm implements LayerNorm only, not {config.normalization}")
+        if config.layernorm_zero_centered_gamma or config.persist_layer_norm or config.memory_efficient_layer_norm:
+            raise ValueError("VitLayerNorm supports neither zero-centered gamma, persist_layer_norm nor "
+                             "memory_efficient_layer_norm")
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.sequence_parallel = bool(config.sequence_parallel)
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", self.sequence_parallel)
+
+
+def _local_norm():
+    """apex's fused layer norm when present (not required), else :class:`VitLayerNorm`."""
+    try:
         from megatron.core.fusions.fused_layer_norm import HAVE_FUSED_LAYER_NORM, FusedLayerNorm
 
         if HAVE_FUSED_LAYER_NORM:
-            norm = FusedLayerNorm
+            return FusedLayerNorm
     except ImportError:
         pass
+    return VitLayerNorm
+
+
+def get_vit_layer_local_spec() -> ModuleSpec:
+    """Bidirectional ViT layer: pre-norm attention + MLP, megatron-core TP linears, SDPA core."""
+    norm = _local_norm()
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -166,7 +199,30 @@ def get_vit_layer_te_spec() -> ModuleSpec:
     )
 
 
+def _uses_te(transformer_impl: str) -> bool:
+    return transformer_impl == "transformer_engine" or (transformer_impl == "auto" and transformer_engine_available())
+
+
 def get_vit_layer_spec(transformer_impl: str = "local") -> ModuleSpec:
-    if transformer_impl == "transformer_engine" or (transformer_impl == "auto" and transformer_engine_available()):
+    if _uses_te(transformer_impl):
         return get_vit_layer_te_spec()
     return get_vit_layer_local_spec()
+
+
+def get_vit_block_spec(config: TransformerConfig, transformer_impl: str = "local",
+                       vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """The layers of this pipeline stage (virtual stage ``vp_stage``) plus the final norm.
+
+    The number of layers follows ``config`` (even split, or ``pipeline_model_parallel_layout``).
+    The final norm is the same kind as the layers' norms, so the whole block works under
+    sequence parallelism (megatron's default final norm falls back to ``WrappedTorchNorm``).
+    """
+    layer = get_vit_layer_spec(transformer_impl)
+    if _uses_te(transformer_impl):
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    else:
+        norm = _local_norm()
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)

@@ -66,6 +66,7 @@ class MaskedCubeStream(MicroBatchStream):
 
 class HyperspectralMAETask(Task):
     name = "hyperspectral_mae"
+    config_sections = ("mae",)
 
     def __init__(self, cfg: ExperimentConfig):
         super().__init__(cfg)
@@ -100,9 +101,15 @@ class HyperspectralMAETask(Task):
             )
 
     def build_model(self, pre_process: bool = True, post_process: bool = True) -> torch.nn.Module:
-        if not (pre_process and post_process):
-            raise ConfigError("the MAE workload runs with parallel.pipeline_model_parallel_size=1")
-        return MaskedAutoencoder(self.cfg, seed=self.cfg.training.seed, wavelengths=self.cfg.model.wavelengths)
+        return MaskedAutoencoder(self.cfg, seed=self.cfg.training.seed, wavelengths=self.cfg.model.wavelengths,
+                                 pre_process=pre_process, post_process=post_process)
+
+    def pipeline_tensor_shape(self):
+        """The encoder's visible tokens ``(L_visible, D)`` travel between pipeline stages."""
+        from megatron_dchag.models.mae import num_masked_patches
+
+        m = self.cfg.model
+        return (m.num_patches - num_masked_patches(m.num_patches, self.cfg.mae.mask_ratio), m.hidden_size)
 
     def _stream(self, model: MaskedAutoencoder, split: str, dp_rank: int, dp_size: int, shuffle: bool) -> MaskedCubeStream:
         dataset = HyperspectralDataset(
@@ -129,6 +136,8 @@ class HyperspectralMAETask(Task):
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         out = model(batch["images"], batch["visible"], batch["masked"])
+        if isinstance(out, torch.Tensor):  # not the last pipeline stage: hidden states for the next one
+            return out, None
         loss, baseline = out[0], out[3]
         reported = {"loss": loss.detach().clone(), "mean_baseline_loss": baseline.detach().clone()}
 

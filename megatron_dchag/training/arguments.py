@@ -80,12 +80,14 @@ def flag_overrides(namespace: argparse.Namespace) -> List[str]:
 
 
 def parse_run_arguments(
-    argv: Sequence[str], description: str, world_size: Optional[int] = None
+    argv: Sequence[str], description: str, world_size: Optional[int] = None,
+    workload_sections: Optional[Sequence[str]] = None,
 ) -> RunArguments:
-    """Parse and validate; raises ConfigError (one line naming the field) on bad input."""
+    """Parse and validate; raises ConfigError (one line naming the field) on bad input.
+    ``workload_sections``: the config sections of the workload (``Task.config_sections``)."""
     ns = build_parser(description).parse_intermixed_args(list(argv))
     overrides = list(ns.overrides) + flag_overrides(ns)
-    cfg = load_config(ns.config, overrides, world_size=world_size)
+    cfg = load_config(ns.config, overrides, world_size=world_size, workload_sections=workload_sections)
     return RunArguments(config=cfg, config_path=ns.config, overrides=overrides, debug=ns.debug)
 
 

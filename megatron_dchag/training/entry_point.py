@@ -47,7 +47,8 @@ def run_entry_point(
     try:
         from megatron_dchag.training.arguments import parse_run_arguments
 
-        args = parse_run_arguments(argv, description, world_size=_launched_world_size())
+        args = parse_run_arguments(argv, description, world_size=_launched_world_size(),
+                                   workload_sections=getattr(task_factory, "config_sections", None))
         cfg = args.config
         from megatron_dchag.distributed import destroy_distributed, initialize_distributed
 

@@ -7,7 +7,7 @@ megatron-core's schedules, and may add evaluation metrics. The trainer owns ever
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -32,6 +32,8 @@ class MicroBatchStream:
 
 class Task:
     name: str = "task"
+    # Workload sections of the config this task uses (validated; the others are ignored). None: all.
+    config_sections: Optional[Tuple[str, ...]] = None
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -58,6 +60,11 @@ class Task:
     def flops_per_sample(self) -> float:
         """Training FLOPs (forward + backward) of one sample, for TFLOP/s."""
         return 0.0
+
+    def checkpoint_differences(self, saved_config: Dict[str, Any]) -> List[str]:
+        """Workload-specific reasons a checkpoint (its saved config) does not fit this run, e.g.
+        another channel list of the same length; one readable line each."""
+        return []
 
     def pipeline_tensor_shape(self) -> Optional[Tuple[int, int]]:
         """``(seq_length, hidden)`` communicated between pipeline stages, if PP is supported."""

@@ -82,12 +82,13 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _initialize_optimizer_state(optimizer) -> None:
-    """Give a fresh optimizer (no step taken) its Adam state, ``step`` included, before a load.
+    """Give a fresh optimizer its Adam state now (zero moments, ``step`` 0), as torch's Adam
+    would at its first step (the same values, so training is unchanged).
 
     megatron's ``DistributedOptimizer.state_dict()`` (with torch's Adam, i.e. without apex or
     Transformer Engine) reads the ``step`` of every parameter's state and fails on a fresh
-    optimizer, which has none; its sharded state dict for loading starts from that state dict.
-    The values are overwritten by the load.
+    optimizer, which has none; its sharded state dict for loading a checkpoint starts from that
+    state dict. A load overwrites these values.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
@@ -198,7 +199,9 @@ class Trainer:
             use_distributed_optimizer=par.use_distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.models)
+        # Checkpoint loading (resume, tools/convert_checkpoint.py) needs both of these.
         _tolerate_missing_adam_step(self.optimizer)
+        _initialize_optimizer_state(self.optimizer)
         # megatron requires warm-up < decay; a run shorter than its warm-up just never leaves it
         decay_steps = max(tr.train_iters, tr.lr_warmup_iters + 1) * self.global_batch_size
         self.scheduler = OptimizerParamScheduler(
@@ -239,7 +242,14 @@ class Trainer:
                 grids["saved_grid"] = tuple(s // m["patch_size"] for s in m["image_size"])
                 grids["current_grid"] = tuple(s // self.cfg.model.patch_size for s in self.cfg.model.image_size)
         if not weights_only:
-            _initialize_optimizer_state(self.optimizer)
+            saved_distopt = bool(((saved or {}).get("parallel") or {}).get("use_distributed_optimizer", False))
+            if saved is not None and saved_distopt != bool(self.cfg.parallel.use_distributed_optimizer):
+                # The two optimizers store different state (the distributed one keeps fp32 master
+                # weights and flat per-bucket groups); megatron-core cannot convert between them.
+                raise CheckpointError(
+                    f"checkpoint '{ckpt}' was saved with parallel.use_distributed_optimizer={str(saved_distopt).lower()}; "
+                    "resume with the same setting (any TP/PP/DP layout works), or load the weights only with --finetune"
+                )
         state = load_checkpoint(
             tr.load, self.models,
             optimizer=None if weights_only else self.optimizer,
@@ -269,6 +279,7 @@ class Trainer:
                 a = (saved.get("parallel") or {}).get("tensor_model_parallel_size")
             if a != b:
                 diffs.append(f"model.{f}: checkpoint {a!r} vs config {b!r}")
+        diffs += self.task.checkpoint_differences(saved or {})
         if diffs:
             raise CheckpointError(f"checkpoint '{where}' is from an incompatible model: " + "; ".join(diffs))
 

@@ -1,0 +1,326 @@
+"""Weather forecaster on the D-CHAG encoder: state at ``t`` (+ lead time) -> state at ``t + Δ``.
+
+- **Encoder**: :class:`~megatron_dchag.models.encoder.DCHAGEncoder` with its lead-time embedding
+  (``model.lead_time_embedding=true``): each TP rank tokenizes only its own input channels.
+- **Head**: a :class:`~megatron_dchag.layers.heads.ChannelParallelHead` ``D -> C_out_local * p²``
+  per patch; each TP rank predicts only the output channels it owns, and no rank ever holds all
+  output channels.
+- **Output channels -> ranks** (:class:`ForecastChannels`). Every output channel must be one of
+  the input channels, and it is owned by the rank that owns that input channel: output channel
+  ``c`` belongs to the channel group of input ``c``. With the default (outputs = inputs) the
+  output groups are the input groups. With a subset (``forecast.output_channels``) the outputs
+  are put in input order and group ``g`` predicts the outputs whose input lies in group ``g``
+  (possibly none). So a rank always has the input state of its outputs: the residual below and
+  the persistence reference need no communication, and the head's weights are sharded by
+  channel group exactly like the tokenizer (checkpoints reshard to any TP dividing G). A group
+  that predicts none of the subset gets one padding row in the head, never used, so that no
+  parameter or checkpoint shard has size zero.
+- **Residual** (``forecast.residual``, default on): the prediction is ``x_t + head(...)`` in
+  normalized units; the head's weights start at zero, so an untrained model is persistence.
+- **Loss**: latitude-weighted MSE (normalized units) over all output channels of all ranks,
+  :func:`latitude_weighted_sq_error` summed locally and reduced across TP, divided by the global
+  element count. Latitude weights are :func:`megatron_dchag.metrics.latitude_weights` (mean 1,
+  ``forecast.latitude_weighting`` ``cos`` or ``area``). Constant outputs (land-sea mask,
+  orography) are left out of the loss unless ``forecast.loss_on_constants``.
+
+Pipeline parallelism: ``pre_process`` stages own the encoder's channel stage and embeddings,
+later stages receive hidden states through :meth:`ForecastModel.set_input_tensor`; only the
+``post_process`` stage holds the head and computes the loss. Every stage is given the same batch
+(the last stage uses its input channels for the residual).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_dchag.config import ConfigError, ExperimentConfig, split_evenly, validate_model_config
+from megatron_dchag.layers.channel_plan import ChannelGroupPlan
+from megatron_dchag.layers.channel_stage import make_channel_plan
+from megatron_dchag.layers.heads import ChannelParallelHead, reduce_loss_across_tp
+from megatron_dchag.models.encoder import DCHAGEncoder, make_transformer_config
+
+
+# ----------------------------------------------------------------------------------------------
+# Channels
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputGroupPlan(ChannelGroupPlan):
+    """A :class:`ChannelGroupPlan` with explicit (possibly empty) group sizes, for output subsets."""
+
+    sizes: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) != self.num_groups or sum(self.sizes) != self.num_channels or min(self.sizes) < 0:
+            raise ValueError(f"output group sizes {self.sizes} do not split {self.num_channels} channels into {self.num_groups} groups")
+        if self.num_groups % self.tp_size:
+            raise ValueError(f"channel_groups={self.num_groups} is not divisible by tensor_model_parallel_size={self.tp_size}")
+
+    @property
+    def group_sizes(self) -> List[int]:
+        return list(self.sizes)
+
+
+@dataclass(frozen=True)
+class ForecastChannels:
+    """Input and output channel lists of a forecaster and how outputs map to channel groups.
+
+    ``inputs``: canonical input channel names (the model's ``num_channels``, in data order);
+    ``outputs``: canonical output names **in input order**; ``output_input_index[k]``: the input
+    position of output ``k``; ``output_group_sizes[g]``: outputs predicted by channel group ``g``.
+    """
+
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    output_input_index: Tuple[int, ...]
+    output_group_sizes: Tuple[int, ...]
+    same_as_inputs: bool
+
+    @staticmethod
+    def resolve(channels: Optional[Sequence[str]], output_channels: Optional[Sequence[str]], num_groups: int) -> "ForecastChannels":
+        """Raises :class:`ConfigError` naming the field on a bad channel list."""
+        from megatron_dchag.data.era5_variables import DEFAULT_ERA5_CHANNELS, parse_channels
+
+        try:
+            inputs = [s.name for s in parse_channels(channels if channels is not None else DEFAULT_ERA5_CHANNELS)]
+        except ValueError as exc:
+            raise ConfigError(f"data.channels: {exc}") from None
+        if num_groups > len(inputs):
+            raise ConfigError(f"model.channel_groups={num_groups} is larger than the {len(inputs)} channels of data.channels")
+        group_sizes = split_evenly(len(inputs), num_groups)
+        group_of_input = np.repeat(np.arange(num_groups), group_sizes)
+        if output_channels is None:
+            return ForecastChannels(tuple(inputs), tuple(inputs), tuple(range(len(inputs))), tuple(group_sizes), True)
+        try:
+            wanted = [s.name for s in parse_channels(output_channels)]
+        except ValueError as exc:
+            raise ConfigError(f"forecast.output_channels: {exc}") from None
+        if not wanted:
+            raise ConfigError("forecast.output_channels is empty (leave it unset to predict every input channel)")
+        position = {name: i for i, name in enumerate(inputs)}
+        missing = [name for name in wanted if name not in position]
+        if missing:
+            raise ConfigError(
+                f"forecast.output_channels {missing} are not input channels (data.channels); every output must also be an "
+                "input, and it is predicted by the rank that owns that input"
+            )
+        index = sorted(position[name] for name in wanted)
+        sizes = np.bincount(group_of_input[index], minlength=num_groups)
+        return ForecastChannels(
+            tuple(inputs), tuple(inputs[i] for i in index), tuple(index), tuple(int(s) for s in sizes),
+            len(index) == len(inputs),
+        )
+
+    def output_plan(self, tp_size: int, tp_rank: int) -> ChannelGroupPlan:
+        """Which output channels each group (and so each TP rank) predicts."""
+        groups = len(self.output_group_sizes)
+        if self.same_as_inputs:
+            return ChannelGroupPlan(len(self.outputs), groups, tp_size, tp_rank)
+        return OutputGroupPlan(len(self.outputs), groups, tp_size, tp_rank, sizes=self.output_group_sizes)
+
+    def head_plan(self, tp_size: int, tp_rank: int) -> ChannelGroupPlan:
+        """The head's layout: :meth:`output_plan` with every empty group given one padding row,
+        whose prediction is dropped (checkpoints cannot hold zero-size shards)."""
+        if self.same_as_inputs or min(self.output_group_sizes) > 0:
+            return self.output_plan(tp_size, tp_rank)
+        sizes = tuple(max(1, s) for s in self.output_group_sizes)
+        return OutputGroupPlan(sum(sizes), len(sizes), tp_size, tp_rank, sizes=sizes)
+
+    def head_keep_index(self, tp_size: int, tp_rank: int) -> List[int]:
+        """Positions of this rank's real outputs among its head rows (padding rows left out)."""
+        real, padded = self.output_plan(tp_size, tp_rank), self.head_plan(tp_size, tp_rank)
+        keep, offset = [], 0
+        for g in padded.owned_groups(sharded=True):
+            keep += list(range(offset, offset + real.group_sizes[g]))
+            offset += padded.group_sizes[g]
+        return keep
+
+    def loss_channel_mask(self, loss_on_constants: bool) -> np.ndarray:
+        """Bool ``[C_out]``: outputs that count in the loss."""
+        from megatron_dchag.data.era5_variables import parse_channel
+
+        if loss_on_constants:
+            return np.ones(len(self.outputs), dtype=bool)
+        return np.array([not parse_channel(c).is_constant for c in self.outputs], dtype=bool)
+
+
+def forecast_channels(cfg: ExperimentConfig) -> ForecastChannels:
+    groups = cfg.model.channel_groups if cfg.model.channel_groups is not None else cfg.parallel.tensor_model_parallel_size
+    return ForecastChannels.resolve(cfg.data.channels, cfg.forecast.output_channels, groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------
+
+
+def default_latitudes(num_rows: int) -> np.ndarray:
+    """Cell-centre latitudes of a regular global grid of ``num_rows`` rows, south to north."""
+    step = 180.0 / num_rows
+    return -90.0 + step / 2.0 + step * np.arange(num_rows)
+
+
+def latitude_weighted_sq_error(
+    pred: torch.Tensor, target: torch.Tensor, lat_weights: torch.Tensor, channel_weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``Σ_{b,c,h,w} w_h · m_c · (pred - target)²`` over ``[B, C, H, W]`` fields (float32 sum).
+
+    ``lat_weights [H]`` (mean 1 over the rows), ``channel_weights [C]`` (1 in the loss, 0 out).
+    Divided by ``B · C_loss · H · W`` this is the latitude-weighted MSE.
+    """
+    err = (pred.float() - target.float()) ** 2
+    err = err * lat_weights.to(err.dtype)[:, None]
+    if channel_weights is not None:
+        err = err * channel_weights.to(err.dtype)[:, None, None]
+    return err.sum()
+
+
+def unpatchify(patches: torch.Tensor, grid: Tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Head output ``[L, B, C, p*p]`` (L row-major over the patch grid) -> fields ``[B, C, H, W]``."""
+    (gh, gw), p = grid, patch_size
+    _, b, c, _ = patches.shape
+    x = patches.reshape(gh, gw, b, c, p, p).permute(2, 3, 0, 4, 1, 5)
+    return x.reshape(b, c, gh * p, gw * p)
+
+
+class ForecastOutput(NamedTuple):
+    """A tuple, so megatron's Float16Module can cast it; fields in this order."""
+
+    loss: torch.Tensor  # scalar latitude-weighted MSE over all output channels of all ranks
+    prediction: torch.Tensor  # [B, C_out_local, H, W], normalized units
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class ForecastModel(MegatronModule):
+    """See the module docstring. ``latitudes``: the data's latitude of each image row (degrees,
+    any order; default a regular cell-centre grid, south to north)."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        seed: int = 1234,
+        latitudes: Optional[Sequence[float]] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        from megatron_dchag.metrics import latitude_weights
+
+        model, fc = cfg.model, cfg.forecast
+        if not model.lead_time_embedding:
+            raise ConfigError("model.lead_time_embedding must be true for forecasting (the lead time is a model input)")
+        validate_model_config(model, cfg.parallel.tensor_model_parallel_size)
+        config = make_transformer_config(model, cfg.parallel, cfg.training)
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = pre_process, post_process
+        self.residual = fc.residual
+        self.patch_size = model.patch_size
+        self.plan = make_channel_plan(model)
+        self.channels = forecast_channels(cfg)
+        if len(self.channels.inputs) != model.num_channels:
+            raise ConfigError(
+                f"model.num_channels={model.num_channels} does not match the {len(self.channels.inputs)} channels of data.channels"
+            )
+        self._input_range = self.plan.owned_channel_range(model.shards_channels)
+        self.encoder = DCHAGEncoder(
+            model, config, seed=seed, pre_process=pre_process, post_process=post_process,
+            recompute_channel_stage=cfg.training.recompute_granularity == "channel_stage",
+        )
+        self.grid = self.encoder.grid
+        self.output_plan = self.channels.output_plan(self.plan.tp_size, self.plan.tp_rank)
+        lo, hi = self.output_plan.owned_channel_range(sharded=True)
+        self._output_range = (lo, hi)
+        in_lo, in_hi = self._input_range
+        local_in = [i - in_lo for i in self.channels.output_input_index[lo:hi]]
+        assert all(0 <= i < in_hi - in_lo for i in local_in), "an output's input channel is not on its rank"
+        self.register_buffer("output_input_index", torch.tensor(local_in, dtype=torch.long), persistent=False)
+        mask = self.channels.loss_channel_mask(fc.loss_on_constants)
+        self.num_loss_channels = int(mask.sum())
+        if self.num_loss_channels == 0:
+            raise ConfigError("no output channel is in the loss (all outputs are constants; set forecast.loss_on_constants=true)")
+        self.register_buffer("loss_channel_weights", torch.tensor(mask[lo:hi], dtype=torch.float32), persistent=False)
+        h = model.image_size[0]
+        lats = default_latitudes(h) if latitudes is None else np.asarray(latitudes, dtype=np.float64)
+        if lats.shape != (h,):
+            raise ConfigError(f"the data has {lats.size} latitude rows but model.image_size height is {h}")
+        self.register_buffer(
+            "lat_weights", torch.as_tensor(latitude_weights(lats, fc.latitude_weighting), dtype=torch.float32),
+            persistent=False,
+        )
+        self.head_plan = self.channels.head_plan(self.plan.tp_size, self.plan.tp_rank)
+        keep = self.channels.head_keep_index(self.plan.tp_size, self.plan.tp_rank)
+        padded = len(keep) != sum(self.head_plan.owned_group_sizes(sharded=True))
+        self.register_buffer("head_keep_index", torch.tensor(keep, dtype=torch.long) if padded else None, persistent=False)
+        if post_process:
+            self.head = ChannelParallelHead(self.head_plan, model.hidden_size, self.patch_size**2, seed, name="forecast.head")
+            if self.residual:  # start exactly at persistence: x_t + 0
+                with torch.no_grad():
+                    self.head.weight.zero_()
+
+    # -- channels of this rank ----------------------------------------------------------------------
+    @property
+    def input_channel_range(self) -> Tuple[int, int]:
+        """Input channels (into ``channels.inputs``) this rank reads: ``[start, stop)``, on every stage."""
+        return self._input_range
+
+    @property
+    def output_channel_range(self) -> Tuple[int, int]:
+        """Output channels (into ``channels.outputs``) this rank predicts: ``[start, stop)``."""
+        return self._output_range
+
+    @property
+    def output_channel_names(self) -> List[str]:
+        return list(self.channels.outputs[slice(*self._output_range)])
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.encoder.set_input_tensor(input_tensor)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        images: Optional[torch.Tensor],
+        lead_time_hours: Optional[torch.Tensor] = None,
+        target: Optional[torch.Tensor] = None,
+    ):
+        """``images [B, C_in_local, H, W]`` (normalized, this rank's input channels),
+        ``lead_time_hours [B]``, ``target [B, C_out_local, H, W]`` (normalized) or ``None``.
+
+        Returns the hidden states ``[L, B, D]`` on a non-last pipeline stage; on the last stage a
+        :class:`ForecastOutput` (``loss`` is NaN-free zero when ``target`` is ``None``).
+        """
+        hidden = self.encoder(images if self.pre_process else None, lead_time_hours=lead_time_hours)
+        if not self.post_process:
+            return hidden
+        out = self.head(hidden)  # [L, B, head rows, p*p]
+        if self.head_keep_index is not None:
+            out = out.index_select(2, self.head_keep_index)
+        delta = unpatchify(out, self.grid, self.patch_size)  # [B, C_out_local, H, W]
+        if self.residual:
+            pred = images.index_select(1, self.output_input_index).to(delta.dtype) + delta
+        else:
+            pred = delta
+        if target is None:
+            return ForecastOutput(loss=torch.zeros((), device=pred.device), prediction=pred)
+        local = latitude_weighted_sq_error(pred, target, self.lat_weights, self.loss_channel_weights)
+        b, _, h, w = target.shape
+        loss = reduce_loss_across_tp(local) / float(b * self.num_loss_channels * h * w)
+        return ForecastOutput(loss=loss, prediction=pred)
+
+
+def build_forecast_model(cfg: ExperimentConfig, seed: Optional[int] = None, latitudes=None,
+                         pre_process: bool = True, post_process: bool = True) -> ForecastModel:
+    """Build inside an initialized megatron ``parallel_state``."""
+    return ForecastModel(cfg, seed=cfg.training.seed if seed is None else seed, latitudes=latitudes,
+                         pre_process=pre_process, post_process=post_process)

@@ -1,0 +1,84 @@
+"""tools/benchmark.py and tools/estimate_memory.py end to end on a tiny case (2 gloo processes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECORD_KEYS = {"strategy", "layer", "tree", "tp", "channels", "peak_mem_bytes", "step_time_s", "samples_per_s",
+               "tflops", "mem_breakdown", "status", "reason", "label", "channel_groups", "step_times_s",
+               "peak_mem_bytes_per_rank", "flops_per_step"}
+BREAKDOWN_KEYS = {"parameters", "gradients", "optimizer", "activations", "temp", "inputs"}
+
+
+def _run(args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    paths = {k: str(out / f"bench.{k}") for k in ("json", "md", "png")}
+    res = _run(["tools/benchmark.py", "--tp", "2", "--channels", "16", "--image-size", "16", "32", "--patch-size", "4",
+                "--hidden-size", "32", "--num-heads", "2", "--num-layers", "1", "--micro-batch-size", "2",
+                "--strategies", "tp_baseline", "dchag", "--layers", "cross_attention",
+                "--trees", "[]", "[8]", "--steps", "2", "--warmup", "0", "--threads", "1",
+                "--json", paths["json"], "--markdown", paths["md"], "--plot", paths["png"]])
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(paths["json"]) as fh:
+        return json.load(fh), paths, res.stdout
+
+
+def test_json_schema(bench):
+    doc, _, _ = bench
+    assert doc["kind"] == "benchmark" and doc["schema_version"] == 1
+    assert doc["config"]["image_size"] == [16, 32] and doc["machine"]["backend"] in ("gloo", "nccl")
+    records = doc["records"]
+    labels = [r["label"] for r in records]
+    assert labels == ["tp_baseline", "dchag-C-tree[]", "dchag-C-tree[8]"]
+    for r in records:
+        assert RECORD_KEYS <= set(r), set(RECORD_KEYS) - set(r)
+        assert r["tp"] == 2 and r["channels"] == 16 and r["channel_groups"] == 2
+        if r["label"].endswith("[8]"):
+            # groups of 8 channels cannot be cut into chunks of 8: reported, not run
+            assert r["status"] == "skipped" and "aggregation_tree" in r["reason"]
+            assert r["peak_mem_bytes"] is None
+            continue
+        assert r["status"] == "ok", r.get("reason")
+        assert set(r["mem_breakdown"]) == BREAKDOWN_KEYS
+        assert len(r["peak_mem_bytes_per_rank"]) == 2 and r["peak_mem_bytes"] == max(r["peak_mem_bytes_per_rank"])
+        assert sum(r["mem_breakdown"].values()) == r["peak_mem_bytes"]
+        assert len(r["step_times_s"]) == 2 and r["step_time_s"] > 0
+        assert r["samples_per_s"] == pytest.approx(2 / r["step_time_s"])
+        assert r["tflops"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / 2 / 1e12)
+    by = {r["label"]: r for r in records}
+    # each rank holds only its 8 channels in dchag, all 16 in tp_baseline
+    assert by["dchag-C-tree[]"]["input_channels_per_rank"] == [[0, 8], [8, 16]]
+    assert by["tp_baseline"]["input_channels_per_rank"] == [[0, 16], [0, 16]]
+    assert by["dchag-C-tree[]"]["mem_breakdown"]["inputs"] * 2 == by["tp_baseline"]["mem_breakdown"]["inputs"]
+
+
+def test_markdown_and_plot(bench):
+    _, paths, stdout = bench
+    with open(paths["md"]) as fh:
+        md = fh.read()
+    assert "| TP | C | strategy |" in md and "mem vs TP" in md
+    rows = [line for line in md.splitlines() if line.startswith("| 2 | 16 |")]
+    assert len(rows) == 2
+    assert rows[0].split("|")[7].strip() == "100.0%"  # tp_baseline against itself
+    assert "Cases not run:" in md and "skipped" in md
+    assert md.strip() in stdout or "| TP | C | strategy |" in stdout
+    with open(paths["png"], "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [f for f in os.listdir(os.path.dirname(paths["md"])) if f.startswith(".tmp-")]  # atomic writes
+
+
+def test_memory_model_checks_against_the_benchmark(bench):
+    _, paths, _ = bench
+    res = _run(["tools/estimate_memory.py", "--check-against", paths["json"]], timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 of 2 cases within 15%" in res.stdout, res.stdout
