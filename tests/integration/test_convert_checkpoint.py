@@ -86,5 +86,5 @@ def test_bad_conversion_requests(trained, tmp_path):
     assert res.returncode == 2 and "does not exist" in res.stderr
     res = run_script("tools/convert_checkpoint.py", ["--load", str(trained["run"]), "--save", str(tmp_path / "o"),
                                                      "--target-tensor-model-parallel-size", "3"])
-    assert res.returncode == 2 and "channel_groups=4 is not divisible" in res.stderr
+    assert res.returncode == 2 and "is not divisible by parallel.tensor_model_parallel_size=3" in res.stderr
     assert not (tmp_path / "o").exists()
