@@ -158,14 +158,15 @@ def build_sharded_state_dict(
     include_rng: bool = True,
 ) -> Dict[str, Any]:
     sd: Dict[str, Any] = {}
-    merged: Dict[str, Any] = {}
     for i, m in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
         sd[key] = _unwrap(m).sharded_state_dict()
-        merged.update(sd[key])
     if optimizer is not None:
+        # Nested per chunk: interleaved-pipeline chunks have equal local names ("layers.0....")
+        # that a flat merge would let overwrite each other.
+        model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
         sd["optimizer"] = optimizer.sharded_state_dict(
-            merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
         )
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
