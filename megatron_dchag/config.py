@@ -143,6 +143,7 @@ class DataConfig:
     layout: str = "CHW"
     channels: Optional[List[str]] = None  # ERA5 channel list
     val_fraction: float = 0.1
+    # DataLoader worker processes per rank that load micro-batches in the background (0: inline).
     num_workers: int = 0
 
 
@@ -522,6 +523,10 @@ def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None,
         )
     if tr.micro_batch_size < 1:
         raise ConfigError(f"training.micro_batch_size={tr.micro_batch_size} must be a positive integer")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(
+            f"data.num_workers={cfg.data.num_workers} must be >= 0 (0 loads micro-batches in the training process)"
+        )
     if tr.train_iters < 0:
         raise ConfigError(f"training.train_iters={tr.train_iters} must be >= 0")
     if tr.lr < 0 or tr.min_lr < 0:
@@ -548,7 +553,7 @@ def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None,
             )
         pp = par.pipeline_model_parallel_size
         microbatches = gbs // (tr.micro_batch_size * dp)
-        if par.virtual_pipeline_model_parallel_size and microbatches % pp:
+        if par.virtual_pipeline_model_parallel_size and pp > 1 and microbatches % pp:
             raise ConfigError(
                 f"the interleaved schedule (parallel.virtual_pipeline_model_parallel_size="
                 f"{par.virtual_pipeline_model_parallel_size}) needs a number of micro-batches per step that is a "
@@ -558,23 +563,25 @@ def validate_config(cfg: ExperimentConfig, world_size: Optional[int] = None,
 
 
 def validate_parallel_config(cfg: ExperimentConfig, sections: Sequence[str] = WORKLOAD_SECTIONS) -> None:
-    """Pipeline split, interleaving and sequence-parallel rules of the ``parallel`` section."""
+    """Pipeline split, interleaving and sequence-parallel rules of the ``parallel`` section.
+
+    Settings that have no meaning in the layout at hand are ignored rather than refused (as in
+    Megatron-LM), so a config trained at scale also evaluates or converts at TP = PP = 1:
+    ``sequence_parallel`` at TP = 1, ``virtual_pipeline_model_parallel_size`` and
+    ``pipeline_layer_split`` at PP = 1.
+    """
     par, model = cfg.parallel, cfg.model
     pp, tp = par.pipeline_model_parallel_size, par.tensor_model_parallel_size
     vpp = par.virtual_pipeline_model_parallel_size
-    if vpp is not None:
-        if vpp < 2:
-            raise ConfigError(
-                f"parallel.virtual_pipeline_model_parallel_size={vpp} must be at least 2 (leave it unset "
-                "for the non-interleaved 1F1B schedule)"
-            )
-        if pp < 2:
-            raise ConfigError(
-                f"parallel.virtual_pipeline_model_parallel_size={vpp} needs parallel.pipeline_model_parallel_size "
-                f"> 1, got {pp}"
-            )
+    if vpp is not None and vpp < 2:
+        raise ConfigError(
+            f"parallel.virtual_pipeline_model_parallel_size={vpp} must be at least 2 (leave it unset "
+            "for the non-interleaved 1F1B schedule)"
+        )
+    if pp == 1:
+        vpp = None
     stages = pp * (vpp or 1)
-    split = par.pipeline_layer_split
+    split = par.pipeline_layer_split if pp > 1 else None
     if split is not None:
         allowed = {pp, stages}
         if len(split) not in allowed:
@@ -598,12 +605,7 @@ def validate_parallel_config(cfg: ExperimentConfig, sections: Sequence[str] = WO
             f"model.num_layers={model.num_layers} is not divisible by {what} "
             "(or give parallel.pipeline_layer_split)"
         )
-    if par.sequence_parallel:
-        if tp < 2:
-            raise ConfigError(
-                f"parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1, got {tp} "
-                "(it splits the sequence over the tensor-parallel ranks)"
-            )
+    if par.sequence_parallel and tp > 1:
         if "forecast" in sections and model.num_patches % tp:
             raise ConfigError(
                 f"parallel.sequence_parallel=true: the {model.num_patches} patches of model.image_size="

@@ -94,7 +94,7 @@ def initialize_distributed(
         seed: seed for python, numpy, torch (the same on every rank) and megatron's RNG tracker.
         backend: process-group backend; default ``nccl`` with a GPU (CUDA or ROCm), else ``gloo``.
         timeout_minutes: collective timeout.
-        virtual_pipeline_model_parallel_size: interleaved pipeline stages per rank.
+        virtual_pipeline_model_parallel_size: interleaved pipeline stages per rank (ignored at PP = 1).
 
     Returns:
         The resolved :class:`LaunchEnv` (rank and world size of the process group).
@@ -134,7 +134,8 @@ def initialize_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        # interleaving needs stages: ignored at PP = 1 (a config trained with it then still runs at PP = 1)
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size if pp > 1 else None,
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)

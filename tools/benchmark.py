@@ -866,6 +866,24 @@ def tokenizer_bench(args) -> Dict[str, Any]:
             print(f"[tokenizer] C={c} {mode}: grouped {tg * 1e3:.1f} ms, per-channel loop {tl * 1e3:.1f} ms -> "
                   f"{tl / tg:.2f}x ({rec['threads']} thread(s), outputs match: {same})", flush=True)
         rec["speedup"] = rec["forward_backward"]["speedup"]
+        # The machine's bound at equal work: the same matrix products ([B*L, p*p] x [p*p, D] per
+        # channel) as one batched matmul into a preallocated output, i.e. no allocation, layout or
+        # per-call cost at all. Forward + backward is two such products (tokens, weight gradient).
+        k = p * p
+        a = torch.randn(c, b * n_patches, k, generator=gen)
+        wmat = torch.randn(c, k, d, generator=gen)
+        out = torch.empty(c, b * n_patches, d)
+        t_mm, _ = median_time(lambda: torch.bmm(a, wmat, out=out), [], args.tokenizer_repeats)
+        flop = 2.0 * c * b * n_patches * k * d
+        rec["matmul_bound"] = {
+            "gflops": flop / t_mm / 1e9,
+            "forward_s": t_mm,
+            "forward_backward_s": 2 * t_mm,
+            # no implementation doing the loop's work can beat the loop by more than this
+            "max_speedup_forward_backward": rec["forward_backward"]["loop_s"] / (2 * t_mm),
+        }
+        print(f"[tokenizer] C={c} matmul bound: {flop / t_mm / 1e9:.1f} GFLOP/s -> at most "
+              f"{rec['matmul_bound']['max_speedup_forward_backward']:.2f}x over the loop (forward+backward)", flush=True)
         results.append(rec)
     return {"schema_version": SCHEMA_VERSION, "kind": "tokenizer_bench", "created": _now(), "command": _command(),
             "machine": machine_info(False), "records": results}

@@ -3,7 +3,7 @@
 
     # reshard to another TP (any size dividing the channel groups) and/or PP size
     python tools/convert_checkpoint.py --load RUN --save RUN_TP4 --target-tensor-model-parallel-size 4 \
-        [--target-pipeline-model-parallel-size 2]
+        [--target-pipeline-model-parallel-size 2 [--target-virtual-pipeline-model-parallel-size 2]]
     # one portable file: full unsharded weights + the model config as metadata (for inference)
     python tools/convert_checkpoint.py --load RUN --export model.safetensors
     # back to a (weights-only) sharded checkpoint, optionally at another layout
@@ -74,8 +74,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--inspect", action="store_true", help="print tensors, shapes, dtypes and the config")
     parser.add_argument("--target-tensor-model-parallel-size", type=int, default=None)
     parser.add_argument("--target-pipeline-model-parallel-size", type=int, default=None)
+    parser.add_argument("--target-virtual-pipeline-model-parallel-size", type=int, default=None,
+                        help="interleaved stages per pipeline rank at the target (0: none; default: keep the "
+                             "checkpoint's where PP > 1)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    if not args.debug:
+        # the rank processes inherit this: no import-time warnings (e.g. "Apex not installed") x ranks
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
     from megatron_dchag.config import ConfigError
     from megatron_dchag.training import checkpoint_conversion as conv
@@ -99,10 +105,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"exported {info['tensors']} tensors ({info['parameters']:,} values) to {args.export}")
             return 0
 
+        vpp_arg = args.target_virtual_pipeline_model_parallel_size
+        if vpp_arg is not None and vpp_arg < 0:
+            raise ConfigError(f"--target-virtual-pipeline-model-parallel-size={vpp_arg}: expected 0 (none) or >= 2")
         if args.import_file:
-            conv.read_portable(args.import_file)  # fail fast on a bad file
+            import yaml
+
+            _, metadata = conv.read_portable(args.import_file)  # fail fast on a bad file
+            saved, task = yaml.safe_load(metadata["config"]), metadata.get("task")
+            tp = args.target_tensor_model_parallel_size or 1
+            pp = args.target_pipeline_model_parallel_size or 1
         else:
-            _, saved, _ = conv.checkpoint_description(args.load)
+            _, saved, state = conv.checkpoint_description(args.load)
+            task = state.get("task")
+            layout = saved.get("parallel") or {}
+            tp = args.target_tensor_model_parallel_size or layout.get("tensor_model_parallel_size", 1)
+            pp = args.target_pipeline_model_parallel_size or layout.get("pipeline_model_parallel_size", 1)
+        # the target layout is checked before any process starts or anything is written
+        target = conv.config_for_layout(saved, tp, pp, conv.SAVED if vpp_arg is None else (vpp_arg or None), task=task)
+        vpp = target.parallel.virtual_pipeline_model_parallel_size
         save = os.path.abspath(args.save)
         if os.path.exists(save) and os.listdir(save):
             raise ConfigError(f"--save directory '{args.save}' exists and is not empty")
@@ -110,28 +131,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(save)}.partial-", dir=parent)
         try:
+            source = os.path.abspath(args.load) if args.load else None
             if args.import_file:
-                tp = args.target_tensor_model_parallel_size or 1
-                pp = args.target_pipeline_model_parallel_size or 1
-                single = os.path.join(staging, "tp1")
-                iteration = conv.run_on_local_ranks(1, 1, 1, conv.import_rank, os.path.abspath(args.import_file), single)
-                if (tp, pp) == (1, 1):
-                    result_dir = single
-                else:
-                    result_dir = os.path.join(staging, "resharded")
-                    conv.run_on_local_ranks(tp * pp, tp, pp, conv.reshard_rank, single, result_dir, tp, pp)
-            else:
-                layout = saved.get("parallel") or {}
-                tp = args.target_tensor_model_parallel_size or layout.get("tensor_model_parallel_size", 1)
-                pp = args.target_pipeline_model_parallel_size or layout.get("pipeline_model_parallel_size", 1)
-                conv.config_for_layout(saved, tp, pp)  # validate the target layout before starting processes
+                source = os.path.join(staging, "tp1")
+                iteration = conv.run_on_local_ranks(1, 1, 1, conv.import_rank, os.path.abspath(args.import_file), source)
+            result_dir = source
+            if not args.import_file or (tp, pp) != (1, 1):
                 result_dir = os.path.join(staging, "out")
-                iteration = conv.run_on_local_ranks(tp * pp, tp, pp, conv.reshard_rank, os.path.abspath(args.load),
-                                                    result_dir, tp, pp)
+                iteration = conv.run_on_local_ranks(tp * pp, tp, pp, conv.reshard_rank, source, result_dir, tp, pp,
+                                                    vpp, vpp=vpp)
             _replace_dir_atomically(result_dir, save)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        print(f"wrote checkpoint {save} (iteration {iteration}, TP={tp}, PP={pp})")
+        print(f"wrote checkpoint {save} (iteration {iteration}, TP={tp}, PP={pp}{f', VPP={vpp}' if vpp else ''})")
         return 0
     except (ConfigError, CheckpointError) as exc:
         if args.debug:

@@ -27,26 +27,21 @@ import torch  # noqa: E402
 
 
 def forecast(args) -> dict:
-    from megatron_dchag.config import ExperimentConfig, build_dataclass, validate_config
     from megatron_dchag.data.era5 import ERA5Dataset
     from megatron_dchag.data.era5_variables import parse_channels
     from megatron_dchag.distributed import destroy_distributed, initialize_distributed
     from megatron_dchag.metrics import latitude_weights, weighted_rmse
     from megatron_dchag.models.forecast import ForecastModel, forecast_channels
-    from megatron_dchag.training.checkpointing import load_checkpoint, read_checkpoint_config, resolve_checkpoint_dir
+    from megatron_dchag.training.checkpoint_conversion import config_for_layout
+    from megatron_dchag.training.checkpointing import (
+        CheckpointError, load_checkpoint, read_checkpoint_config, resolve_checkpoint_dir)
 
     ckpt = resolve_checkpoint_dir(args.load)
     saved = read_checkpoint_config(ckpt)
     if saved is None:
-        raise SystemExit(f"error: {ckpt} has no config.yaml")
-    cfg = build_dataclass(ExperimentConfig, saved)
-    if cfg.model.channel_groups is None:
-        cfg.model.channel_groups = cfg.parallel.tensor_model_parallel_size
-    cfg.parallel.tensor_model_parallel_size = 1
-    cfg.parallel.pipeline_model_parallel_size = 1
-    cfg.parallel.sequence_parallel = False
+        raise CheckpointError(f"'{ckpt}' has no config.yaml: not a megatron_dchag checkpoint")
+    cfg = config_for_layout(saved, 1, 1, task="era5_forecast")  # TP = PP = 1, the saved channel groups kept
     cfg.training.bf16 = False
-    validate_config(cfg, world_size=1, workload_sections=("forecast",))
     data_path = args.data_path or cfg.data.data_path
     stats_file = args.stats_file or cfg.data.stats_file
     fc = cfg.forecast
@@ -54,7 +49,7 @@ def forecast(args) -> dict:
     variables = [s.name for s in parse_channels(args.variables or fc.metric_variables)]
     missing = [v for v in variables if v not in channels.outputs]
     if missing:
-        raise SystemExit(f"error: variables {missing} are not outputs of this model ({list(channels.outputs)[:8]}...)")
+        raise ValueError(f"--variables: {missing} are not outputs of this model ({list(channels.outputs)[:8]}...)")
     leads = [int(x) for x in (args.leads or fc.eval_lead_hours)]
     initialize_distributed(1, 1, seed=cfg.training.seed)
     try:
@@ -136,6 +131,14 @@ def plot(result: dict, out_path: str) -> None:
     os.replace(tmp, out_path)
 
 
+def report_error(exc: BaseException) -> int:
+    """One ``error:`` line on stderr (no traceback), exit status 2."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    print(f"error: {str(message).strip().splitlines()[0] if str(message).strip() else type(exc).__name__}",
+          file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", required=True, help="checkpoint (save directory or iter_* directory)")
@@ -147,12 +150,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data-path", default=None)
     parser.add_argument("--stats-file", default=None)
     args = parser.parse_args(argv)
+    from megatron_dchag.training.entry_point import user_errors
+
     try:
         result = forecast(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {str(message).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except (ValueError, KeyError, *user_errors()) as exc:
+        return report_error(exc)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
     plot(result, args.out)
     lines = [f"{p['variable']} +{p['lead']}h: RMSE {p['rmse']:.4g} (persistence {p['persistence_rmse']:.4g})"

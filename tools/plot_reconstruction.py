@@ -36,27 +36,23 @@ def _false_colour(cube: np.ndarray, wavelengths: Optional[np.ndarray], bands=(65
 
 
 def reconstruct(args) -> dict:
-    from megatron_dchag.config import build_dataclass, ExperimentConfig, validate_config
     from megatron_dchag.data.hyperspectral import HyperspectralDataset, load_channel_stats
     from megatron_dchag.distributed import destroy_distributed, initialize_distributed
     from megatron_dchag.models.mae import MaskedAutoencoder
     from megatron_dchag.tasks.mae_pretraining import mask_generator
     from megatron_dchag.models.mae import random_patch_mask
-    from megatron_dchag.training.checkpointing import load_checkpoint, read_checkpoint_config, resolve_checkpoint_dir
+    from megatron_dchag.training.checkpoint_conversion import config_for_layout
+    from megatron_dchag.training.checkpointing import (
+        CheckpointError, load_checkpoint, read_checkpoint_config, resolve_checkpoint_dir)
 
     ckpt = resolve_checkpoint_dir(args.load)
     saved = read_checkpoint_config(ckpt)
     if saved is None:
-        raise SystemExit(f"error: {ckpt} has no config.yaml")
-    cfg = build_dataclass(ExperimentConfig, saved)
-    if cfg.model.channel_groups is None:
-        cfg.model.channel_groups = cfg.parallel.tensor_model_parallel_size
-    cfg.parallel.tensor_model_parallel_size = 1
-    cfg.parallel.pipeline_model_parallel_size = 1
+        raise CheckpointError(f"'{ckpt}' has no config.yaml: not a megatron_dchag checkpoint")
+    cfg = config_for_layout(saved, 1, 1, task="hyperspectral_mae")  # TP = PP = 1, the saved channel groups kept
     cfg.training.bf16 = False
     data_path = args.data_path or cfg.data.data_path
     stats_file = args.stats_file or cfg.data.stats_file
-    validate_config(cfg, world_size=1)
     initialize_distributed(1, 1, seed=cfg.training.seed)
     try:
         dataset = HyperspectralDataset(
@@ -140,6 +136,14 @@ def plot(result: dict, out_path: str) -> None:
     os.replace(tmp, out_path)
 
 
+def report_error(exc: BaseException) -> int:
+    """One ``error:`` line on stderr (no traceback), exit status 2."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    print(f"error: {str(message).strip().splitlines()[0] if str(message).strip() else type(exc).__name__}",
+          file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", required=True, help="checkpoint (save directory or iter_* directory)")
@@ -150,7 +154,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="mask seed")
     args = parser.parse_args(argv)
-    result = reconstruct(args)
+    from megatron_dchag.training.entry_point import user_errors
+
+    try:
+        result = reconstruct(args)
+    except (ValueError, KeyError, *user_errors()) as exc:
+        return report_error(exc)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plot(result, args.out)
     print(f"wrote {args.out} (masked-patch MSE {result['loss']:.4f}, per-channel-mean baseline {result['baseline']:.4f})")

@@ -70,6 +70,7 @@ from megatron_dchag.data.era5_variables import (
 )
 
 __all__ = [
+    "ERA5DataError",
     "open_era5",
     "available_channels",
     "ChannelReader",
@@ -88,6 +89,17 @@ HAS_DASK = importlib.util.find_spec("dask") is not None
 
 PathLike = Union[str, os.PathLike]
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5")
+
+
+
+
+class ERA5DataError(ValueError):
+    """ERA5 data that cannot be read: a truncated or corrupt file or store (the message names it)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,12 +144,22 @@ def _expand_paths(paths: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
 
 
 def _open_one(path: Path, chunks: Optional[Mapping[str, int]], engine: Optional[str]) -> xr.Dataset:
-    if _is_zarr_dir(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=RuntimeWarning)
-            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-            return xr.open_zarr(path, chunks=chunks, consolidated=None)
-    return xr.open_dataset(path, engine=engine, chunks=chunks, cache=False)
+    """Open one zarr store or netCDF file; an unreadable one raises :class:`ERA5DataError` naming it."""
+    try:
+        if _is_zarr_dir(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", category=RuntimeWarning)
+                warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+                return xr.open_zarr(path, chunks=chunks, consolidated=None)
+        return xr.open_dataset(path, engine=engine, chunks=chunks, cache=False)
+    except ImportError:
+        raise
+    except Exception as exc:  # netCDF4/HDF5, zarr and JSON raise many types for a damaged file
+        kind = "zarr store" if path.is_dir() else "netCDF file"
+        raise ERA5DataError(
+            f"ERA5 data: cannot open the {kind} '{path}' (truncated or corrupt file, or not netCDF/zarr): "
+            f"{_first_line(exc)}"
+        ) from exc
 
 
 class _LazyConcat(BackendArray):
@@ -340,6 +362,8 @@ def open_era5(
     )
     out[LAT_DIM].attrs.update(units="degrees_north", long_name="latitude")
     out[LON_DIM].attrs.update(units="degrees_east", long_name="longitude")
+    # Which files hold each variable: read errors name them (ChannelReader.read).
+    out.encoding["source_files"] = {name: [src for src, _ in pieces] for name, pieces in per_var.items()}
     return out
 
 
@@ -451,8 +475,16 @@ class ChannelReader:
     def num_channels(self) -> int:
         return len(self.specs)
 
+    def _where(self, variable: str) -> str:
+        """The files holding ``variable`` (for error messages)."""
+        files = (self.ds.encoding.get("source_files") or {}).get(variable) or [self.source]
+        return ", ".join(f"'{f}'" for f in files)
+
     def read(self, time: Union[int, slice, np.ndarray]) -> np.ndarray:
-        """``time`` an int -> ``[C, H, W]``; a slice or index array -> ``[T, C, H, W]``."""
+        """``time`` an int -> ``[C, H, W]``; a slice or index array -> ``[T, C, H, W]``.
+
+        Raises :class:`ERA5DataError` naming the file(s) when the data cannot be read or holds
+        non-finite values."""
         scalar = isinstance(time, (int, np.integer))
         h, w = self.ds.sizes[LAT_DIM], self.ds.sizes[LON_DIM]
         if scalar:
@@ -474,7 +506,20 @@ class ChannelReader:
                 order.append(LEVEL_DIM)
             order += [LAT_DIM, LON_DIM]
             sub = var.isel(sel)
-            arr = np.asarray(sub.values)
+            try:
+                arr = np.asarray(sub.values)
+            except (OSError, RuntimeError, ValueError) as exc:  # a damaged chunk or file, found on reading
+                raise ERA5DataError(
+                    f"ERA5 data: reading {run.variable} from {self._where(run.variable)} failed (truncated or "
+                    f"corrupt file?): {_first_line(exc)}"
+                ) from exc
+            if not np.isfinite(arr).all():
+                # ERA5 fields have no gaps; a missing zarr chunk reads as its fill value (NaN)
+                raise ERA5DataError(
+                    f"ERA5 data: {run.variable} from {self._where(run.variable)} has {int((~np.isfinite(arr)).sum())} "
+                    f"non-finite values in {f'time index {time}' if scalar else 'the time steps read'} (a missing or corrupt "
+                    "chunk/file?)"
+                )
             arr = np.transpose(arr, [sub.dims.index(d) for d in order])
             if run.level_index is None:
                 arr = arr[..., None, :, :] if TIME_DIM in order or scalar else arr[None, None]

@@ -102,7 +102,8 @@ def make_transformer_config(
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=vpp,
             pipeline_model_parallel_layout=pipeline_layout(parallel, layers),
-            sequence_parallel=parallel.sequence_parallel,
+            # meaningless at TP = 1 (and refused there by megatron-core): ignored, as in Megatron-LM
+            sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
         )
         if vpp:
             # The interleaved schedule sends activations forward and gradients backward in one

@@ -8,6 +8,8 @@ normalized with the statistics of ``data.stats_file``.
 Training draws **one lead time per micro-batch**, a pure function of ``(seed, micro-batch
 step)`` (:class:`~megatron_dchag.data.era5.ERA5TrainBatchSampler`): all TP ranks of a DP rank read
 the same samples, and the stream's state is just the step, so a resumed run replays exactly.
+``data.num_workers`` background processes read the samples and collate the micro-batches
+(:mod:`~megatron_dchag.training.micro_batch_loader`); the saved step is the last one consumed.
 
 Evaluation uses the fixed leads ``forecast.eval_lead_hours`` on the validation split (the last
 ``data.val_fraction`` of the time steps). The ``eval_iters × micro-batches`` evaluation batches are
@@ -35,7 +37,8 @@ from megatron.core import parallel_state
 
 from megatron_dchag.config import ConfigError, ExperimentConfig
 from megatron_dchag.models.forecast import ForecastChannels, ForecastModel, forecast_channels
-from megatron_dchag.training.task import MicroBatchStream, Task
+from megatron_dchag.training.micro_batch_loader import MicroBatchLoader, MicroBatchPlan
+from megatron_dchag.training.task import Task, batch_to_device
 
 METRIC_ORDER = ("rmse", "persistence_rmse", "climatology_rmse", "acc", "mse", "rmse_of_mean_mse")
 
@@ -49,16 +52,30 @@ def _data_error(exc: BaseException, what: str) -> ConfigError:
     return ConfigError(f"{what}: {message}")
 
 
-class ForecastTrainStream(MicroBatchStream):
-    """Training micro-batches ``{"input", "target", "lead_time_hours", ...}``; state = the step."""
+class ForecastBatch:
+    """``(time_index, lead_hours)`` pairs -> the collated micro-batch (a pure function of the pairs);
+    evaluation batches are marked ``"_eval"``."""
 
-    def __init__(self, dataset, sampler, start_step: int = 0):
-        self.dataset, self.sampler, self.step = dataset, sampler, int(start_step)
+    def __init__(self, dataset, eval_batch: bool = False):
+        self.dataset, self.eval_batch = dataset, eval_batch
 
-    def __next__(self) -> Dict[str, torch.Tensor]:
+    def __call__(self, pairs: List[tuple]) -> Dict[str, Any]:
+        batch = _collate([self.dataset[p] for p in pairs])
+        if self.eval_batch:
+            batch["_eval"] = True
+        return batch
+
+
+class TrainStepPlan(MicroBatchPlan):
+    """Micro-batch ``step`` holds ``sampler.batch(step)``; the state is the step."""
+
+    def __init__(self, sampler, start_step: int = 0):
+        self.sampler, self.step = sampler, int(start_step)
+
+    def next_description(self) -> List[tuple]:
         pairs = self.sampler.batch(self.step)
         self.step += 1
-        return _collate([self.dataset[p] for p in pairs])
+        return pairs
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step": self.step}
@@ -67,24 +84,38 @@ class ForecastTrainStream(MicroBatchStream):
         self.step = int(state["step"])
 
 
-class ForecastEvalStream(MicroBatchStream):
-    """Evaluation micro-batches, round-robin over the leads (row 0 at every lead, row 1 ...), cycling."""
+class EvalPositionPlan(MicroBatchPlan):
+    """Cycles over a fixed list of evaluation batches; the state is the position."""
 
-    def __init__(self, dataset, batches: List[List[tuple]]):
-        self.dataset, self.batches, self.position = dataset, batches, 0
+    def __init__(self, batches: List[List[tuple]]):
+        self.batches, self.position = batches, 0
 
-    def __next__(self) -> Dict[str, Any]:
+    def next_description(self) -> List[tuple]:
         pairs = self.batches[self.position % len(self.batches)]
         self.position += 1
-        batch = _collate([self.dataset[p] for p in pairs])
-        batch["_eval"] = True
-        return batch
+        return pairs
 
     def state_dict(self) -> Dict[str, Any]:
         return {"position": self.position}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.position = int(state["position"])
+
+
+class ForecastTrainStream(MicroBatchLoader):
+    """Training micro-batches ``{"input", "target", "lead_time_hours", ...}``; state = the step."""
+
+    def __init__(self, dataset, sampler, start_step: int = 0, num_workers: int = 0):
+        self.dataset, self.sampler = dataset, sampler
+        super().__init__(TrainStepPlan(sampler, start_step), ForecastBatch(dataset), num_workers=num_workers)
+
+
+class ForecastEvalStream(MicroBatchLoader):
+    """Evaluation micro-batches, round-robin over the leads (row 0 at every lead, row 1 ...), cycling."""
+
+    def __init__(self, dataset, batches: List[List[tuple]], num_workers: int = 0):
+        self.dataset, self.batches = dataset, batches
+        super().__init__(EvalPositionPlan(batches), ForecastBatch(dataset, eval_batch=True), num_workers=num_workers)
 
 
 class ERA5ForecastTask(Task):
@@ -182,7 +213,7 @@ class ERA5ForecastTask(Task):
                                             data_parallel_rank=dp_rank, data_parallel_size=dp_size)
         except ValueError as exc:
             raise _data_error(exc, "data (train split)") from None
-        return ForecastTrainStream(dataset, sampler)
+        return ForecastTrainStream(dataset, sampler, num_workers=self.cfg.data.num_workers)
 
     def eval_stream(self, model, dp_rank, dp_size):
         from megatron_dchag.data.era5 import ERA5EvalBatchSampler
@@ -213,12 +244,13 @@ class ERA5ForecastTask(Task):
                                         latitude_weights(dataset.latitudes, fc.latitude_weighting),
                                         centered_acc=fc.acc_centered)
         self._output_input_index = model.output_input_index.cpu()
-        return ForecastEvalStream(dataset, batches)
+        return ForecastEvalStream(dataset, batches, num_workers=self.cfg.data.num_workers)
 
     # -- step -------------------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        out = model(batch["input"], lead_time_hours=batch["lead_time_hours"], target=batch["target"])
+        batch = next(data_iterator)  # on the CPU: the metrics read it there
+        on_device = batch_to_device(batch)
+        out = model(on_device["input"], lead_time_hours=on_device["lead_time_hours"], target=on_device["target"])
         if isinstance(out, torch.Tensor):  # a non-last pipeline stage: hidden states
             return out, None
         loss, prediction = out[0], out[1]

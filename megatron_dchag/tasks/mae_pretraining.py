@@ -4,13 +4,14 @@ Each rank reads only the channels its model part needs (``model.input_channel_ra
 channel groups under ``dchag``/``dist_tokenize``, all channels under the unsharded baselines).
 Micro-batches are drawn by a resumable, seeded sampler over data-parallel ranks; the random patch
 mask of a sample is a pure function of ``(seed, epoch, sample index)``, so every TP rank of a DP
-rank masks the same patches and a resumed run repeats the same masks.
+rank masks the same patches and a resumed run repeats the same masks. ``data.num_workers``
+background processes read the crops and build the micro-batches (:mod:`~megatron_dchag.training.micro_batch_loader`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from megatron_dchag.config import ConfigError, ExperimentConfig
 from megatron_dchag.data.hyperspectral import HyperspectralDataset, list_cube_files, scan_cubes
 from megatron_dchag.data.sampler import DistributedResumableSampler
 from megatron_dchag.models.mae import MaskedAutoencoder, random_patch_mask
-from megatron_dchag.training.task import MicroBatchStream, Task
+from megatron_dchag.training.micro_batch_loader import MicroBatchLoader, MicroBatchPlan
+from megatron_dchag.training.task import Task, batch_to_device
 
 
 def mask_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -27,22 +29,38 @@ def mask_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(key))
 
 
-class MaskedCubeStream(MicroBatchStream):
-    """Micro-batches ``{"images", "visible", "masked", "index"}`` for one DP rank."""
+class SamplerPlan(MicroBatchPlan):
+    """Which samples each micro-batch holds: the next ``micro_batch_size`` ``(epoch, index)`` keys
+    of the sampler; the state is the sampler's ``(epoch, position)``."""
 
-    def __init__(self, dataset: HyperspectralDataset, sampler: DistributedResumableSampler, micro_batch_size: int,
-                 num_patches: int, mask_ratio: float, seed: int):
-        self.dataset, self.sampler = dataset, sampler
-        self.micro_batch_size = micro_batch_size
-        self.num_patches, self.mask_ratio, self.seed = num_patches, mask_ratio, seed
+    def __init__(self, sampler: DistributedResumableSampler, micro_batch_size: int):
+        self.sampler, self.micro_batch_size = sampler, micro_batch_size
         self._indices: Optional[Iterator] = None
 
-    def __next__(self) -> Dict[str, torch.Tensor]:
+    def next_description(self) -> List[Tuple[int, int]]:
         if self._indices is None:
             self._indices = iter(self.sampler)
+        return [next(self._indices) for _ in range(self.micro_batch_size)]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self._indices = None
+
+
+class MaskedCubeBatch:
+    """``(epoch, index)`` keys -> the micro-batch ``{"images", "visible", "masked", "index"}`` (a pure
+    function of the keys: crops and masks are seeded by ``(seed, epoch, index)``)."""
+
+    def __init__(self, dataset: HyperspectralDataset, num_patches: int, mask_ratio: float, seed: int):
+        self.dataset = dataset
+        self.num_patches, self.mask_ratio, self.seed = num_patches, mask_ratio, seed
+
+    def __call__(self, keys: List[Tuple[int, int]]) -> Dict[str, torch.Tensor]:
         images, visible, masked, indices = [], [], [], []
-        for _ in range(self.micro_batch_size):
-            epoch, index = next(self._indices)
+        for epoch, index in keys:
             item = self.dataset[(epoch, index)]
             vis, msk = random_patch_mask(self.num_patches, self.mask_ratio, 1, mask_generator(self.seed, epoch, index))
             images.append(item["image"])
@@ -56,12 +74,16 @@ class MaskedCubeStream(MicroBatchStream):
             "index": torch.tensor(indices),
         }
 
-    def state_dict(self) -> Dict[str, Any]:
-        return self.sampler.state_dict()
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
-        self._indices = None
+class MaskedCubeStream(MicroBatchLoader):
+    """Micro-batches ``{"images", "visible", "masked", "index"}`` for one DP rank, read inline or by
+    ``num_workers`` background processes; the state is the sampler's."""
+
+    def __init__(self, dataset: HyperspectralDataset, sampler: DistributedResumableSampler, micro_batch_size: int,
+                 num_patches: int, mask_ratio: float, seed: int, num_workers: int = 0):
+        self.dataset, self.sampler = dataset, sampler
+        super().__init__(SamplerPlan(sampler, micro_batch_size), MaskedCubeBatch(dataset, num_patches, mask_ratio, seed),
+                         num_workers=num_workers)
 
 
 class HyperspectralMAETask(Task):
@@ -125,7 +147,8 @@ class HyperspectralMAETask(Task):
         )
         seed = self.cfg.training.seed if split == "train" else self.cfg.training.seed + 7919
         return MaskedCubeStream(dataset, sampler, self.cfg.training.micro_batch_size, model.encoder.grid[0] *
-                                model.encoder.grid[1], self.cfg.mae.mask_ratio, seed)
+                                model.encoder.grid[1], self.cfg.mae.mask_ratio, seed,
+                                num_workers=self.cfg.data.num_workers)
 
     def train_stream(self, model, dp_rank, dp_size):
         return self._stream(model, "train", dp_rank, dp_size, shuffle=True)
@@ -134,7 +157,7 @@ class HyperspectralMAETask(Task):
         return self._stream(model, "val", dp_rank, dp_size, shuffle=False)
 
     def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = batch_to_device(next(data_iterator))
         out = model(batch["images"], batch["visible"], batch["masked"])
         if isinstance(out, torch.Tensor):  # not the last pipeline stage: hidden states for the next one
             return out, None

@@ -24,6 +24,7 @@ MEGATRON_FLAGS = {
     "--seed": ("training.seed", int),
     "--recompute-granularity": ("training.recompute_granularity", str),
     "--data-path": ("data.data_path", str),
+    "--num-workers": ("data.num_workers", int),
     "--save": ("training.save", str),
     "--load": ("training.load", str),
     "--save-interval": ("training.save_interval", int),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import yaml
@@ -54,18 +54,55 @@ def checkpoint_description(load: str) -> Tuple[str, Dict[str, Any], Dict[str, An
     return ckpt, config, dict(common.get("training_state") or {})
 
 
-def config_for_layout(saved: Dict[str, Any], tp: int, pp: int) -> ExperimentConfig:
-    """The saved config moved to another TP x PP layout (channel groups pinned to the saved G)."""
+SAVED = "saved"  # config_for_layout: keep the checkpoint's virtual pipeline size
+
+
+def config_for_layout(saved: Dict[str, Any], tp: int, pp: int, vpp: Union[int, None, str] = SAVED,
+                      task: Optional[str] = None) -> ExperimentConfig:
+    """The saved config moved to another TP x PP (x VPP) layout, channel groups pinned to the saved G.
+
+    Validated as the run would be: ``task`` (the checkpoint's task name) selects the workload
+    sections checked, as the entry script does; unknown or ``None``: all of them.
+
+    ``vpp``: the virtual pipeline size at the target (``None`` or 0: no interleaving); by default
+    the saved one is kept where it still fits (PP > 1). The saved ``pipeline_layer_split`` is kept
+    when it has one entry per target stage (PP or PP x VPP entries), else the layers are split
+    evenly.
+    """
     cfg = build_dataclass(ExperimentConfig, saved)
+    par = cfg.parallel
     if cfg.model.channel_groups is None:  # G defaulted to the TP size at creation: keep that G
-        cfg.model.channel_groups = cfg.parallel.tensor_model_parallel_size
-    cfg.parallel.tensor_model_parallel_size = tp
-    cfg.parallel.pipeline_model_parallel_size = pp
-    if cfg.parallel.pipeline_layer_split is not None and len(cfg.parallel.pipeline_layer_split) != pp:
-        cfg.parallel.pipeline_layer_split = None
+        cfg.model.channel_groups = par.tensor_model_parallel_size
+    par.tensor_model_parallel_size = tp
+    par.pipeline_model_parallel_size = pp
+    keep_saved = vpp == SAVED
+    par.virtual_pipeline_model_parallel_size = (par.virtual_pipeline_model_parallel_size if keep_saved else vpp) or None
+    if pp == 1:
+        par.virtual_pipeline_model_parallel_size = None
+    stages = pp * (par.virtual_pipeline_model_parallel_size or 1)
+    if par.pipeline_layer_split is not None and (pp == 1 or len(par.pipeline_layer_split) not in (pp, stages)):
+        par.pipeline_layer_split = None
+    if par.sequence_parallel and tp == 1:
+        par.sequence_parallel = False
     cfg.training.load = cfg.training.save = None
-    validate_config(cfg, world_size=tp * pp)
+    try:
+        validate_config(cfg, world_size=tp * pp, workload_sections=_workload_sections(task))
+    except ConfigError as exc:
+        if keep_saved and par.virtual_pipeline_model_parallel_size:
+            raise ConfigError(f"{exc} [the checkpoint's virtual pipeline size "
+                              f"{par.virtual_pipeline_model_parallel_size} was kept; give another with "
+                              "--target-virtual-pipeline-model-parallel-size, 0 for none]") from None
+        raise
     return cfg
+
+
+def _workload_sections(task: Optional[str]) -> Optional[Tuple[str, ...]]:
+    from megatron_dchag.tasks.registry import task_class
+
+    try:
+        return task_class(task).config_sections if task else None
+    except (KeyError, ValueError, ConfigError):
+        return None
 
 
 def _task(cfg: ExperimentConfig, name: Optional[str]):
@@ -81,12 +118,12 @@ def _task(cfg: ExperimentConfig, name: Optional[str]):
 # ----------------------------------------------------------------------------------------------
 
 
-def reshard_rank(load: str, save: str, tp: int, pp: int) -> int:
+def reshard_rank(load: str, save: str, tp: int, pp: int, vpp: Union[int, None, str] = SAVED) -> int:
     from megatron.core import parallel_state
     from megatron_dchag.training.trainer import Trainer
 
     _, saved, state = checkpoint_description(load)
-    cfg = config_for_layout(saved, tp, pp)
+    cfg = config_for_layout(saved, tp, pp, vpp, task=state.get("task"))
     trainer = Trainer(cfg, _task(cfg, state.get("task")))
     trainer._build(prepare_data=False)
     weights_only = not state.get("has_optimizer", True)
@@ -107,7 +144,7 @@ def export_rank(load: str, out_file: str) -> Dict[str, Any]:
     from safetensors.torch import save_file
 
     _, saved, state = checkpoint_description(load)
-    cfg = config_for_layout(saved, 1, 1)
+    cfg = config_for_layout(saved, 1, 1, task=state.get("task"))
     model = _single_model(cfg, state.get("task"))
     load_checkpoint(load, [model], load_rng=False)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
@@ -145,7 +182,7 @@ def read_portable(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
 def import_rank(in_file: str, save: str) -> int:
     tensors, metadata = read_portable(in_file)
-    cfg = config_for_layout(yaml.safe_load(metadata["config"]), 1, 1)
+    cfg = config_for_layout(yaml.safe_load(metadata["config"]), 1, 1, task=metadata.get("task"))
     model = _single_model(cfg, metadata["task"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -169,7 +206,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, tp: int, pp: int, fn: Callable, args: tuple, queue) -> None:
+def _rank_main(rank: int, world: int, port: int, tp: int, pp: int, vpp: Optional[int], fn: Callable, args: tuple,
+               queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     for var in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
@@ -183,7 +221,7 @@ def _rank_main(rank: int, world: int, port: int, tp: int, pp: int, fn: Callable,
         import io
 
         with contextlib.redirect_stdout(io.StringIO()):
-            initialize_distributed(tp, pp, seed=0)
+            initialize_distributed(tp, pp, seed=0, virtual_pipeline_model_parallel_size=vpp)
         result = fn(*args)
         destroy_distributed()
         queue.put((rank, result, None))
@@ -191,8 +229,9 @@ def _rank_main(rank: int, world: int, port: int, tp: int, pp: int, fn: Callable,
         queue.put((rank, None, (type(exc).__name__, str(exc), traceback.format_exc())))
 
 
-def run_on_local_ranks(world_size: int, tp: int, pp: int, fn: Callable, *args: Any) -> Any:
-    """Run ``fn(*args)`` on ``world_size`` gloo ranks of this machine; returns rank 0's result.
+def run_on_local_ranks(world_size: int, tp: int, pp: int, fn: Callable, *args: Any, vpp: Optional[int] = None) -> Any:
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks of this machine (a TP x PP layout, ``vpp``
+    virtual pipeline stages per rank); returns rank 0's result.
 
     A user error on any rank is re-raised here as the same kind of error (ConfigError,
     CheckpointError) with its message."""
@@ -201,7 +240,7 @@ def run_on_local_ranks(world_size: int, tp: int, pp: int, fn: Callable, *args: A
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, tp, pp, fn, args, queue))
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, tp, pp, vpp, fn, args, queue))
              for r in range(world_size)]
     for p in procs:
         p.start()

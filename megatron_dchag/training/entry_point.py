@@ -39,6 +39,16 @@ def user_errors() -> tuple:
     return tuple(errors)
 
 
+def _quiet_shutdown() -> None:
+    """After a user error, keep the one ``error:`` line the only output: libraries whose reads were
+    cut short (zarr's asyncio tasks, for one) otherwise log "Task was destroyed but it is
+    pending!" and "Exception ignored in ..." tracebacks while the interpreter exits."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+
+
 def run_entry_point(
     argv: Optional[Sequence[str]], task_factory: Callable[[ExperimentConfig], Task], description: str, fault_hook=None
 ) -> int:
@@ -65,4 +75,5 @@ def run_entry_point(
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {message}", file=sys.stderr, flush=True)
+        _quiet_shutdown()
         return EXIT_BAD_INPUT

@@ -14,8 +14,29 @@ import torch
 from megatron_dchag.config import ExperimentConfig
 
 
+def compute_device() -> torch.device:
+    """Where this rank's model and micro-batches live: its GPU (CUDA or ROCm), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def batch_to_device(batch: Dict[str, Any], device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """A shallow copy of ``batch`` with its tensors on ``device`` (default :func:`compute_device`);
+    the streams build batches on the CPU (and in worker processes), as megatron's ``get_batch``."""
+    device = device or compute_device()
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class MicroBatchStream:
-    """An endless, resumable iterator of micro-batches for one data-parallel rank."""
+    """An endless, resumable iterator of micro-batches for one data-parallel rank.
+
+    ``state_dict()`` is the state after the last micro-batch returned by ``next`` (what a
+    checkpoint saves); :class:`~megatron_dchag.training.micro_batch_loader.MicroBatchLoader`
+    implements it with optional background worker processes (``data.num_workers``).
+    """
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -28,6 +49,9 @@ class MicroBatchStream:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release background resources (worker processes); the stream stays usable."""
 
 
 class Task:

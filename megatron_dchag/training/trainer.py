@@ -39,7 +39,7 @@ from megatron_dchag.training.checkpointing import (
     save_checkpoint,
 )
 from megatron_dchag.training.metrics_logger import MetricsLogger, format_train_line
-from megatron_dchag.training.task import Task
+from megatron_dchag.training.task import Task, compute_device
 
 
 class TrainingStopped(RuntimeError):
@@ -146,6 +146,7 @@ class Trainer:
         self.logger = MetricsLogger(self.log_dir, enabled=self.rank == 0, total_steps=tr.train_iters)
         self.stop = _StopFlag()
         self.start_time = time.time()
+        self._first_eval_streams: Optional[List[Any]] = None  # built before outputs, used by the first eval
 
     # ------------------------------------------------------------------------------------------
     def _build(self, prepare_data: bool = True) -> None:
@@ -167,7 +168,7 @@ class Trainer:
             vp_stage = i if vpp else None
             pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
             post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
-            chunk = self.task.build_model(pre_process=pre, post_process=post)
+            chunk = self.task.build_model(pre_process=pre, post_process=post).to(compute_device())
             chunk.vp_stage = vp_stage
             # megatron's finalize_model_grads asks every pipelined model whether the first and last
             # stages share an embedding; these models have none to share.
@@ -358,15 +359,23 @@ class Trainer:
                     break
         return not _any_rank(not finite)
 
+    def _eval_streams(self) -> List[Any]:
+        """Fresh evaluation streams (every evaluation sees the same batches)."""
+        return self._chunk_streams(lambda: self.task.eval_stream(self._unwrapped(), self.dp_rank, self.dp_size))
+
     def evaluate(self, step: int) -> Dict[str, Any]:
         tr = self.cfg.training
         for m in self.models:
             m.eval()
-        streams = self._chunk_streams(lambda: self.task.eval_stream(self._unwrapped(), self.dp_rank, self.dp_size))
+        streams, self._first_eval_streams = self._first_eval_streams or self._eval_streams(), None
         records = []
-        with torch.no_grad():
-            for _ in range(tr.eval_iters):
-                records.extend(self._run_microbatches(streams, True, self.num_microbatches))
+        try:
+            with torch.no_grad():
+                for _ in range(tr.eval_iters):
+                    records.extend(self._run_microbatches(streams, True, self.num_microbatches))
+        finally:
+            for s in streams:  # stops their data loader workers (data.num_workers)
+                s.close()
         result = self._reduce_losses(records)
         result.update(self.task.evaluate_extra(self._unwrapped(), step))
         for m in self.models:
@@ -404,6 +413,11 @@ class Trainer:
         # is written: a bad input leaves no partial log directory behind.
         self._build()
         state = self._load()
+        # The streams open and may read the data (a damaged file is found here, before any output).
+        streams = None if tr.skip_train else self._chunk_streams(
+            lambda: self.task.train_stream(self._unwrapped(), self.dp_rank, self.dp_size))
+        if tr.eval_iters > 0:
+            self._first_eval_streams = self._eval_streams()
         self.logger.info("resolved config:\n" + dump_config(cfg))
         self.logger.info(self.channel_layout())
         if self.rank == 0 and self.log_dir:
@@ -419,7 +433,6 @@ class Trainer:
             self.logger.close()
             return summary
 
-        streams = self._chunk_streams(lambda: self.task.train_stream(self._unwrapped(), self.dp_rank, self.dp_size))
         if state.data_state is not None:
             for stream in streams:
                 stream.load_state_dict(state.data_state)
@@ -492,6 +505,8 @@ class Trainer:
             raise
         finally:
             self.stop.restore()
+            for s in streams:  # stops their data loader workers (data.num_workers)
+                s.close()
         summary["iteration"] = iteration
         if tr.eval_iters and (last_eval is None or last_eval["step"] != iteration):
             last_eval = self.evaluate(iteration)

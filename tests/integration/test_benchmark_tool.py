@@ -82,3 +82,20 @@ def test_memory_model_checks_against_the_benchmark(bench):
     res = _run(["tools/estimate_memory.py", "--check-against", paths["json"]], timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "2 of 2 cases within 15%" in res.stdout, res.stdout
+
+
+def test_tokenizer_bench_schema(tmp_path):
+    out = tmp_path / "tok.json"
+    res = _run(["tools/benchmark.py", "--tokenizer-bench", "--channels", "6", "--image-size", "16", "16",
+                "--patch-size", "4", "--hidden-size", "16", "--tokenizer-repeats", "2", "--tokenizer-mask-ratio", "0.5",
+                "--threads", "1", "--json", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "tokenizer_bench"
+    (rec,) = doc["records"]
+    assert rec["channels"] == 6 and rec["outputs_match"] is True and rec["visible_patches"] == 8
+    for mode in ("forward", "forward_backward", "masked_forward_backward"):
+        assert rec[mode]["grouped_s"] > 0 and rec[mode]["loop_s"] > 0
+        assert len(rec[mode]["grouped_times_s"]) == 2
+    bound = rec["matmul_bound"]
+    assert bound["gflops"] > 0 and bound["max_speedup_forward_backward"] > 0

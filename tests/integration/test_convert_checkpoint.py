@@ -18,10 +18,11 @@ def _convert(*args):
     return res
 
 
-def _eval_loss(data, load, tp, log_dir):
+def _eval_loss(data, load, tp, log_dir, pp=1):
     res = run_script("pretrain_hyperspectral.py", _args(data, "--skip-train", "--load", str(load),
-                                                        "--tensor-model-parallel-size", str(tp), "--log-dir",
-                                                        str(log_dir)), nproc=tp)
+                                                        "--tensor-model-parallel-size", str(tp),
+                                                        "--pipeline-model-parallel-size", str(pp), "--log-dir",
+                                                        str(log_dir)), nproc=tp * pp)
     assert res.returncode == 0, res.stderr[-3000:]
     return [r for r in read_metrics(log_dir) if r["kind"] == "eval"][-1]["loss"]
 
@@ -56,6 +57,24 @@ def test_reshard_tp2_tp1_tp4_is_exact(hyperspectral_data, trained):
     for tp, ckpt in ((1, root / "tp1"), (4, root / "tp4")):
         loss = _eval_loss(hyperspectral_data, ckpt, tp, root / f"eval_tp{tp}")
         assert math.isclose(loss, trained["eval_loss"], rel_tol=1e-5), (tp, loss, trained["eval_loss"])
+
+
+def test_reshard_pp1_pp2_pp1_is_exact(hyperspectral_data, trained):
+    """PP=1 -> PP=2 (one backbone layer per stage; the channel stage on the first, the head on the
+    last) -> PP=1: the same weights bit for bit, and the PP=2 checkpoint evaluates to the same loss."""
+    root = trained["root"]
+    _convert("--load", trained["run"], "--save", root / "pp2", "--target-tensor-model-parallel-size", 1,
+             "--target-pipeline-model-parallel-size", 2)
+    res = _convert("--load", root / "pp2", "--inspect")
+    assert "layout {'tp': 1, 'pp': 2, 'dp': 1}" in res.stdout, res.stdout[:500]
+    _convert("--load", root / "pp2", "--save", root / "pp2_pp1", "--target-pipeline-model-parallel-size", 1)
+    for name in ("pp2", "pp2_pp1"):
+        _convert("--load", root / name, "--export", root / f"{name}.safetensors")
+    _convert("--load", trained["run"], "--export", root / "run_pp.safetensors")
+    _same_tensors(root / "run_pp.safetensors", root / "pp2.safetensors")
+    _same_tensors(root / "run_pp.safetensors", root / "pp2_pp1.safetensors")
+    loss = _eval_loss(hyperspectral_data, root / "pp2", 1, root / "eval_pp2", pp=2)
+    assert math.isclose(loss, trained["eval_loss"], rel_tol=1e-5), (loss, trained["eval_loss"])
 
 
 def test_export_import_round_trip(hyperspectral_data, trained):

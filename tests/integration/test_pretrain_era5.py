@@ -142,3 +142,43 @@ def test_prepare_rejects_data_mismatches(era5_data, override, message):
     with pytest.raises(ConfigError) as info:
         ERA5ForecastTask(cfg).prepare()
     assert message in str(info.value), str(info.value)
+
+
+def _damaged_copy(era5_data, root, kind):
+    """A copy of the data with one damage: a zarr store whose first chunk of temperature is cut
+    inside its compression header (cut later, blosc may decode garbage without an error) or is
+    missing (zarr reads a missing chunk as its fill value, NaN), or a netCDF file cut in half."""
+    import shutil
+
+    import xarray as xr
+
+    if kind.startswith("zarr"):
+        bad = root / "damaged.zarr"
+        shutil.copytree(era5_data["data"], bad)
+        chunk = sorted(p for p in (bad / "temperature").iterdir() if not p.name.startswith("."))[0]
+        if kind == "zarr_missing_chunk":
+            chunk.unlink()
+        else:
+            chunk.write_bytes(chunk.read_bytes()[:8])
+        return bad, "'" + str(bad) + "'"
+    bad = root / "damaged.nc"
+    with xr.open_zarr(era5_data["data"]) as ds:
+        ds.to_netcdf(bad)
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    return bad, "'" + str(bad) + "'"
+
+
+@pytest.mark.parametrize("kind, message", [("zarr_chunk", "truncated or corrupt"),
+                                           ("zarr_missing_chunk", "non-finite values"),
+                                           ("netcdf_truncated", "truncated or corrupt")])
+def test_damaged_data_names_the_file(era5_data, tmp_path, kind, message):
+    bad, name = _damaged_copy(era5_data, tmp_path, kind)
+    out = tmp_path / "run"
+    data = dict(era5_data, data=str(bad))
+    res = run_script("pretrain_era5.py", _args(data, "--train-iters", "1", "--tensor-model-parallel-size", "1",
+                                               "--save", str(out)), nproc=1)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and name in lines[0] and message in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+    assert not out.exists()

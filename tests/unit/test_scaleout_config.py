@@ -32,10 +32,8 @@ def test_pipeline_layout_from_layer_split():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1"),
     (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2", "mae.mask_ratio=0.7"],
      "the encoder's 5 visible patches"),
-    (["parallel.virtual_pipeline_model_parallel_size=2"], "needs parallel.pipeline_model_parallel_size > 1"),
     (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=1"], "at least 2"),
     (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=4"],
      "model.num_layers=4 is not divisible by parallel.pipeline_model_parallel_size=2 x "
@@ -55,8 +53,20 @@ def test_valid_scaleout_configs_pass():
     for overrides in (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
                        "training.micro_batch_size=1", "training.global_batch_size=4"],
                       ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
-                      ["parallel.pipeline_model_parallel_size=4", "parallel.pipeline_layer_split=[0,2,2,0]"]):
+                      ["parallel.pipeline_model_parallel_size=4", "parallel.pipeline_layer_split=[0,2,2,0]"],
+                      # a config trained at scale still evaluates / converts at TP = PP = 1: these are ignored
+                      ["parallel.sequence_parallel=true", "parallel.virtual_pipeline_model_parallel_size=2",
+                       "parallel.pipeline_layer_split=[1,1,1,1]"]):
         load_config("configs/hyperspectral/tiny.yaml", SMALL + overrides, world_size=4)
+
+
+def test_settings_without_meaning_in_the_layout_are_ignored():
+    from megatron_dchag.models.encoder import make_transformer_config
+
+    cfg = load_config("configs/hyperspectral/tiny.yaml", SMALL + [
+        "parallel.sequence_parallel=true", "parallel.virtual_pipeline_model_parallel_size=2"])
+    config = make_transformer_config(cfg.model, cfg.parallel, cfg.training)
+    assert not config.sequence_parallel and config.virtual_pipeline_model_parallel_size is None
 
 
 def test_channel_layout_table():
@@ -81,3 +91,27 @@ def test_vit_layer_norm_marks_parameters_for_sequence_parallel():
     x = torch.randn(3, 2, 8)
     torch.testing.assert_close(off(x), torch.nn.functional.layer_norm(x, (8,), eps=1e-6))
     assert set(off.state_dict()) == {"weight", "bias"}
+
+
+def test_config_for_layout_keeps_what_fits_the_target_pipeline():
+    from megatron_dchag.config import config_to_dict
+    from megatron_dchag.training.checkpoint_conversion import config_for_layout
+
+    saved = config_to_dict(load_config("configs/hyperspectral/tiny.yaml", SMALL + [
+        "parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
+        "parallel.pipeline_layer_split=[0,2,1,1]", "training.micro_batch_size=1", "training.global_batch_size=4"],
+        world_size=2))
+    same = config_for_layout(saved, 1, 2).parallel  # the saved VPP and its PP x VPP split still fit
+    assert same.virtual_pipeline_model_parallel_size == 2 and same.pipeline_layer_split == [0, 2, 1, 1]
+    flat = config_for_layout(saved, 2, 1).parallel  # PP = 1: no interleaving, no split
+    assert flat.virtual_pipeline_model_parallel_size is None and flat.pipeline_layer_split is None
+    assert flat.tensor_model_parallel_size == 2
+    pp4 = config_for_layout(saved, 1, 4).parallel  # 4 entries: one per stage at PP=4, spread over 2 virtual stages
+    assert pp4.virtual_pipeline_model_parallel_size == 2 and pp4.pipeline_layer_split == [0, 2, 1, 1]
+    pp2 = config_for_layout(saved, 1, 2, None).parallel  # 4 entries fit neither PP=2 nor PP x 1: even split
+    assert pp2.virtual_pipeline_model_parallel_size is None and pp2.pipeline_layer_split is None
+    # without a split, 4 layers cannot fill PP=4 x VPP=2 virtual stages: the error says the VPP was kept
+    saved["parallel"]["pipeline_layer_split"] = None
+    with pytest.raises(ConfigError, match=r"virtual pipeline size 2 was kept; give another with --target-virtual"):
+        config_for_layout(saved, 1, 4)
+    assert config_for_layout(saved, 1, 4, None).parallel.virtual_pipeline_model_parallel_size is None
