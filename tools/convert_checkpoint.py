@@ -55,16 +55,6 @@ def _inspect(load: str) -> None:
     print(yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120))
 
 
-def _replace_dir_atomically(staging: str, target: str) -> None:
-    if os.path.exists(target):
-        old = f"{target}.old-{os.getpid()}"
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", help="checkpoint: a --save directory or one iter_* directory")
@@ -85,7 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from megatron_dchag.config import ConfigError
     from megatron_dchag.training import checkpoint_conversion as conv
-    from megatron_dchag.training.checkpointing import CheckpointError
+    from megatron_dchag.training.checkpointing import CheckpointError, replace_dir_atomically
+    from megatron_dchag.training.entry_point import report_user_error
 
     try:
         modes = [bool(args.inspect), bool(args.export), bool(args.import_file), bool(args.load and args.save)]
@@ -140,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 result_dir = os.path.join(staging, "out")
                 iteration = conv.run_on_local_ranks(tp * pp, tp, pp, conv.reshard_rank, source, result_dir, tp, pp,
                                                     vpp, vpp=vpp)
-            _replace_dir_atomically(result_dir, save)
+            replace_dir_atomically(result_dir, save)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         print(f"wrote checkpoint {save} (iteration {iteration}, TP={tp}, PP={pp}{f', VPP={vpp}' if vpp else ''})")
@@ -148,8 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         if args.debug:
             raise
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return report_user_error(exc)
 
 
 if __name__ == "__main__":

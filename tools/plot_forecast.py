@@ -131,14 +131,6 @@ def plot(result: dict, out_path: str) -> None:
     os.replace(tmp, out_path)
 
 
-def report_error(exc: BaseException) -> int:
-    """One ``error:`` line on stderr (no traceback), exit status 2."""
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    print(f"error: {str(message).strip().splitlines()[0] if str(message).strip() else type(exc).__name__}",
-          file=sys.stderr)
-    return 2
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", required=True, help="checkpoint (save directory or iter_* directory)")
@@ -150,12 +142,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data-path", default=None)
     parser.add_argument("--stats-file", default=None)
     args = parser.parse_args(argv)
-    from megatron_dchag.training.entry_point import user_errors
+    from megatron_dchag.training.entry_point import report_user_error, user_errors
 
     try:
         result = forecast(args)
     except (ValueError, KeyError, *user_errors()) as exc:
-        return report_error(exc)
+        return report_user_error(exc)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
     plot(result, args.out)
     lines = [f"{p['variable']} +{p['lead']}h: RMSE {p['rmse']:.4g} (persistence {p['persistence_rmse']:.4g})"

@@ -86,6 +86,18 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir_atomically(staging: str, target: str) -> None:
+    """Put the finished directory ``staging`` at ``target`` by renames; an existing ``target`` is
+    moved aside first and removed only once the new one is in place."""
+    if os.path.exists(target):
+        old = f"{target}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -222,13 +234,7 @@ def save_checkpoint(
                               yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=None, width=120))
         if fault_hook:
             fault_hook("before_publish")
-        if os.path.exists(final):  # re-saving the same iteration: replace it
-            old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, final)
+        replace_dir_atomically(staging, final)  # re-saving the same iteration replaces it
         _fsync_dir(save_dir)
         _atomic_write_text(os.path.join(save_dir, TRACKER_FILE), str(iteration))
         if keep_last:

@@ -39,6 +39,14 @@ def user_errors() -> tuple:
     return tuple(errors)
 
 
+def report_user_error(exc: BaseException) -> int:
+    """Print ``error: <first line of the message>`` on stderr (no traceback); returns the exit
+    status for bad input. A ``KeyError``'s message is shown without the quotes ``str`` adds."""
+    text = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()
+    print(f"error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
 def _quiet_shutdown() -> None:
     """After a user error, keep the one ``error:`` line the only output: libraries whose reads were
     cut short (zarr's asyncio tasks, for one) otherwise log "Task was destroyed but it is
@@ -73,7 +81,6 @@ def run_entry_point(
     except user_errors() as exc:
         if debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        status = report_user_error(exc)
         _quiet_shutdown()
-        return EXIT_BAD_INPUT
+        return status

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,20 @@ def run_script(script: str, args, nproc: int = 1, env_extra=None, timeout: int =
 def read_metrics(log_dir) -> list:
     path = Path(log_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_step(log_dir, step, proc, timeout=120) -> None:
+    """Wait until the run ``proc`` has logged train step ``step`` in ``log_dir``/metrics.jsonl."""
+    deadline = time.time() + timeout
+    path = Path(log_dir) / "metrics.jsonl"
+    while time.time() < deadline:
+        assert proc.poll() is None, "run ended before it could be signalled"
+        if path.exists():
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if '"train"' in line]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.2)
+    raise AssertionError("run did not reach the step")
 
 
 def train_losses(log_dir) -> dict:

@@ -1,16 +1,15 @@
 """Crash-safe saves, clean stops, non-finite steps, warm starts and bad input (pretrain_hyperspectral.py)."""
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.integration.conftest import REPO, TINY_MAE, free_port, read_metrics, run_script, train_losses
+from tests.integration.conftest import (REPO, TINY_MAE, free_port, read_metrics, run_script, train_losses,
+                                        wait_for_step)
 
 
 def _args(data, *extra):
@@ -38,19 +37,6 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes_exactly(hyperspe
     assert not [p for p in os.listdir(run) if ".partial-" in p]  # leftovers of the crash were cleaned
 
 
-def _wait_for_step(log_dir, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    path = log_dir / "metrics.jsonl"
-    while time.time() < deadline:
-        assert proc.poll() is None, "run ended before it could be signalled"
-        if path.exists():
-            steps = [json.loads(l)["step"] for l in path.read_text().splitlines() if '"train"' in l]
-            if steps and max(steps) >= step:
-                return
-        time.sleep(0.2)
-    raise AssertionError("run did not reach the step")
-
-
 def test_sigterm_saves_and_exits_zero_then_resumes_exactly(hyperspectral_data, tmp_path):
     """What SLURM does before the walltime: SIGTERM to every task."""
     common = ["--train-iters", "500", "--tensor-model-parallel-size", "1"]
@@ -60,7 +46,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes_exactly(hyperspectral_data, t
                              *_args(hyperspectral_data, *common, "--save", str(run))],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_step(run, 3, proc)
+        wait_for_step(run, 3, proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
     finally:

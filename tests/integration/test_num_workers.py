@@ -6,14 +6,13 @@ with workers, it logs the same train and eval loss at every step, bit for bit, a
 without workers.
 """
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from tests.integration.conftest import REPO, TINY_MAE, read_metrics, run_script
+from tests.integration.conftest import REPO, TINY_MAE, read_metrics, run_script, wait_for_step
 
 
 def _args(data, *extra):
@@ -23,19 +22,6 @@ def _args(data, *extra):
 
 def _losses(log_dir, kind):
     return {r["step"]: r["loss"] for r in read_metrics(log_dir) if r["kind"] == kind}
-
-
-def _wait_for_step(log_dir, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    path = log_dir / "metrics.jsonl"
-    while time.time() < deadline:
-        assert proc.poll() is None, "run ended before it could be signalled"
-        if path.exists():
-            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if '"train"' in line]
-            if steps and max(steps) >= step:
-                return
-        time.sleep(0.2)
-    raise AssertionError("run did not reach the step")
 
 
 def test_workers_stop_on_sigterm_resume_exactly_and_match_inline(hyperspectral_data, tmp_path):
@@ -48,7 +34,7 @@ def test_workers_stop_on_sigterm_resume_exactly_and_match_inline(hyperspectral_d
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _wait_for_step(run, 2, proc)
+        wait_for_step(run, 2, proc)
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
         deadline = time.time() + 10
