@@ -37,7 +37,7 @@ from megatron.core import parallel_state
 
 from megatron_dchag.config import ConfigError, ExperimentConfig
 from megatron_dchag.models.forecast import ForecastChannels, ForecastModel, forecast_channels
-from megatron_dchag.training.micro_batch_loader import MicroBatchLoader, MicroBatchPlan
+from megatron_dchag.training.micro_batch_loader import CountingPlan, MicroBatchLoader
 from megatron_dchag.training.task import Task, batch_to_device
 
 METRIC_ORDER = ("rmse", "persistence_rmse", "climatology_rmse", "acc", "mse", "rmse_of_mean_mse")
@@ -66,56 +66,21 @@ class ForecastBatch:
         return batch
 
 
-class TrainStepPlan(MicroBatchPlan):
-    """Micro-batch ``step`` holds ``sampler.batch(step)``; the state is the step."""
-
-    def __init__(self, sampler, start_step: int = 0):
-        self.sampler, self.step = sampler, int(start_step)
-
-    def next_description(self) -> List[tuple]:
-        pairs = self.sampler.batch(self.step)
-        self.step += 1
-        return pairs
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.step = int(state["step"])
-
-
-class EvalPositionPlan(MicroBatchPlan):
-    """Cycles over a fixed list of evaluation batches; the state is the position."""
-
-    def __init__(self, batches: List[List[tuple]]):
-        self.batches, self.position = batches, 0
-
-    def next_description(self) -> List[tuple]:
-        pairs = self.batches[self.position % len(self.batches)]
-        self.position += 1
-        return pairs
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.position = int(state["position"])
-
-
 class ForecastTrainStream(MicroBatchLoader):
     """Training micro-batches ``{"input", "target", "lead_time_hours", ...}``; state = the step."""
 
     def __init__(self, dataset, sampler, start_step: int = 0, num_workers: int = 0):
-        self.dataset, self.sampler = dataset, sampler
-        super().__init__(TrainStepPlan(sampler, start_step), ForecastBatch(dataset), num_workers=num_workers)
+        # micro-batch ``step`` holds ``sampler.batch(step)``
+        super().__init__(CountingPlan(sampler.batch, "step", start_step), ForecastBatch(dataset),
+                         num_workers=num_workers)
 
 
 class ForecastEvalStream(MicroBatchLoader):
     """Evaluation micro-batches, round-robin over the leads (row 0 at every lead, row 1 ...), cycling."""
 
     def __init__(self, dataset, batches: List[List[tuple]], num_workers: int = 0):
-        self.dataset, self.batches = dataset, batches
-        super().__init__(EvalPositionPlan(batches), ForecastBatch(dataset, eval_batch=True), num_workers=num_workers)
+        super().__init__(CountingPlan(lambda position: batches[position % len(batches)], "position"),
+                         ForecastBatch(dataset, eval_batch=True), num_workers=num_workers)
 
 
 class ERA5ForecastTask(Task):

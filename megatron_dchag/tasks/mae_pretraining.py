@@ -81,7 +81,6 @@ class MaskedCubeStream(MicroBatchLoader):
 
     def __init__(self, dataset: HyperspectralDataset, sampler: DistributedResumableSampler, micro_batch_size: int,
                  num_patches: int, mask_ratio: float, seed: int, num_workers: int = 0):
-        self.dataset, self.sampler = dataset, sampler
         super().__init__(SamplerPlan(sampler, micro_batch_size), MaskedCubeBatch(dataset, num_patches, mask_ratio, seed),
                          num_workers=num_workers)
 

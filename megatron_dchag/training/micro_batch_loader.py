@@ -65,6 +65,25 @@ class MicroBatchPlan:
         raise NotImplementedError
 
 
+class CountingPlan(MicroBatchPlan):
+    """Micro-batch ``n`` (counted from ``start``) holds ``describe(n)``; the state is the counter,
+    saved under ``key``."""
+
+    def __init__(self, describe: Callable[[int], Any], key: str, start: int = 0):
+        self.describe, self.key, self.count = describe, key, int(start)
+
+    def next_description(self) -> Any:
+        description = self.describe(self.count)
+        self.count += 1
+        return description
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {self.key: self.count}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.count = int(state[self.key])
+
+
 class WorkerTraceback(Exception):
     """The traceback of an exception raised in a data loader worker process (set as its cause)."""
 
