@@ -42,9 +42,12 @@ from megatron_dchag.launch_env import resolve_launch_env
 env = resolve_launch_env()
 keys = ["OMP_NUM_THREADS", "NCCL_SOCKET_IFNAME", "FI_MR_CACHE_MONITOR", "FI_CXI_DEFAULT_CQ_SIZE", "NCCL_NET",
         "LD_LIBRARY_PATH", "MIOPEN_USER_DB_PATH", "MIOPEN_CUSTOM_CACHE_DIR", "HDF5_USE_FILE_LOCKING"]
-print(json.dumps({"rank": env.rank, "local_rank": env.local_rank, "world_size": env.world_size,
-                  "master_addr": env.master_addr, "master_port": env.master_port, "launcher": env.launcher,
-                  "argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}}))
+record = json.dumps({"rank": env.rank, "local_rank": env.local_rank, "world_size": env.world_size,
+                     "master_addr": env.master_addr, "master_port": env.master_port, "launcher": env.launcher,
+                     "argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}})
+# One write of the whole line: the ranks share the pipe, and print() issues the text and its
+# newline as two writes when Python is unbuffered (PYTHONUNBUFFERED), so lines could interleave.
+os.write(1, (record + "\n").encode())
 """
 
 
