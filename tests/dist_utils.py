@@ -50,6 +50,8 @@ from typing import Any, Callable, List
 
 import torch.multiprocessing as mp
 
+from tests.limits import RUN_TIMEOUT_S
+
 __all__ = ["DistributedTestError", "run_distributed", "run_single"]
 
 # Imported once by the forkserver so that children start without paying for the imports.
@@ -198,7 +200,7 @@ def run_distributed(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
-    timeout: float = 300,
+    timeout: float = RUN_TIMEOUT_S,
     **kwargs: Any,
 ) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` fresh gloo ranks; return results by rank.

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.tolerances import FLOAT32_REL, assert_close_scaled
 
 CHANNELS = ["z_500", "z_850", "t_500", "t_850", "u_500", "v_850", "q_850", "t2m", "u10", "v10", "lsm", "orography"]
 
@@ -80,7 +81,8 @@ def test_forecast_loss_and_grads_match_tp1(residual, outputs):
     torch.testing.assert_close(ref["lat_weights"], w)
     mask = torch.as_tensor(ref["loss_mask"])
     err = ((ref["prediction"] - ref["target"]) ** 2 * w[:, None])[:, mask]
-    torch.testing.assert_close(ref["loss"], err.mean(), rtol=1e-6, atol=0)
+    # The model's reduction vs this explicit mean (another order): FLOAT32_REL of the loss.
+    assert_close_scaled(ref["loss"], err.mean(), FLOAT32_REL, "loss vs explicit weighted MSE")
     if outputs is None:
         assert ref["loss_mask"].sum() == 10  # lsm and orography are not in the loss
     else:
@@ -91,9 +93,11 @@ def test_forecast_loss_and_grads_match_tp1(residual, outputs):
         assert [r["outputs"] for r in results] == [["z_500"], [], ["t2m", "u10"], []]
         assert ref["head_rows"] == 5  # 1 + 0 + 2 + 0 outputs, empty groups padded to one row
     for res in results:
-        torch.testing.assert_close(res["loss"], ref["loss"], rtol=1e-5, atol=0)
-        torch.testing.assert_close(res["prediction"], ref["prediction"], rtol=1e-5, atol=1e-6)
+        # TP ranks sum partial products in another order than one process: relative to the
+        # largest value of each tensor (loss, prediction, each parameter's gradient).
+        assert_close_scaled(res["loss"], ref["loss"], FLOAT32_REL, "loss")
+        assert_close_scaled(res["prediction"], ref["prediction"], FLOAT32_REL, "prediction")
         assert res["grads"].keys() == ref["grads"].keys()
         for name, grad in ref["grads"].items():
-            torch.testing.assert_close(res["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+            assert_close_scaled(res["grads"][name], grad, FLOAT32_REL, f"grad {name}")
     assert any(g.abs().sum() > 0 for n, g in ref["grads"].items() if "tokenizer" in n)

@@ -8,6 +8,7 @@
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.tolerances import FLOAT32_REL, assert_close_scaled
 
 
 def _head_case(full_weight=None, full_bias=None):
@@ -38,10 +39,12 @@ def test_channel_parallel_head_matches_tp1():
         assert res["local_channels"] == [7, 6][rank]  # groups 4,3,3,3 -> ranks own 7 and 6 channels
         for name, t in ref["init"].items():
             assert torch.equal(res["init"][name], t)
-        torch.testing.assert_close(res["loss"], ref["loss"], rtol=1e-6, atol=0)
-        torch.testing.assert_close(res["xgrad"], ref["xgrad"], rtol=1e-5, atol=1e-7)
+        # The loss is reduced across TP ranks (another summation order than one process):
+        # relative to the largest value of each tensor.
+        assert_close_scaled(res["loss"], ref["loss"], FLOAT32_REL, "loss")
+        assert_close_scaled(res["xgrad"], ref["xgrad"], FLOAT32_REL, "input gradient")
         for name, t in ref["grads"].items():
-            torch.testing.assert_close(res["grads"][name], t, rtol=1e-5, atol=1e-7)
+            assert_close_scaled(res["grads"][name], t, FLOAT32_REL, f"grad {name}")
 
 
 def _bidirectional():

@@ -89,6 +89,7 @@ def _run_cases(reference_weights=None):
 
 
 def _assert_close(name, actual, expected, rel=1e-5):
+    """TP ranks compute partial sums in another order: error relative to the largest value (84 eps)."""
     scale = expected.abs().max().clamp_min(1e-12)
     err = (actual - expected).abs().max() / scale
     assert err <= rel, f"{name}: relative error {err:.3e} > {rel}"
@@ -105,7 +106,8 @@ def test_strategies_match_tp1(reference, tp):
     results = run_distributed(_run_cases, tp, weights, tensor_model_parallel_size=tp)[0]
     for case, ref, res in zip(CASES, reference, results):
         label = f"TP={tp} {case}"
-        # Initial weights are independent of the TP size.
+        # Initial weights are independent of the TP size (the same seeded draws, sliced: 1e-6
+        # only allows for a rescaling done in another order).
         for name, tensor in ref["init"].items():
             _assert_close(f"{label} init {name}", res["init"][name], tensor, rel=1e-6)
         _assert_close(f"{label} output", res["out"], ref["out"])

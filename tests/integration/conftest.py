@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.limits import RUN_TIMEOUT_S, STEP_WAIT_S
+
 REPO = Path(__file__).resolve().parents[2]
 
 TINY_MAE = [
@@ -30,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(script: str, args, nproc: int = 1, env_extra=None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(script: str, args, nproc: int = 1, env_extra=None, timeout: int = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("WORLD_SIZE", None)
     env.update(env_extra or {})
@@ -60,7 +62,7 @@ def read_metrics(log_dir) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for_step(log_dir, step, proc, timeout=120) -> None:
+def wait_for_step(log_dir, step, proc, timeout=STEP_WAIT_S) -> None:
     """Wait until the run ``proc`` has logged train step ``step`` in ``log_dir``/metrics.jsonl."""
     deadline = time.time() + timeout
     path = Path(log_dir) / "metrics.jsonl"

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.limits import RUN_TIMEOUT_S, SHORT_TIMEOUT_S
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECORD_KEYS = {"strategy", "layer", "tree", "tp", "channels", "peak_mem_bytes", "step_time_s", "samples_per_s",
                "tflops", "mem_breakdown", "status", "reason", "label", "channel_groups", "step_times_s",
@@ -14,7 +16,7 @@ RECORD_KEYS = {"strategy", "layer", "tree", "tp", "channels", "peak_mem_bytes", 
 BREAKDOWN_KEYS = {"parameters", "gradients", "optimizer", "activations", "temp", "inputs"}
 
 
-def _run(args, timeout=240):
+def _run(args, timeout=RUN_TIMEOUT_S):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -79,7 +81,7 @@ def test_markdown_and_plot(bench):
 
 def test_memory_model_checks_against_the_benchmark(bench):
     _, paths, _ = bench
-    res = _run(["tools/estimate_memory.py", "--check-against", paths["json"]], timeout=60)
+    res = _run(["tools/estimate_memory.py", "--check-against", paths["json"]], timeout=SHORT_TIMEOUT_S)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "2 of 2 cases within 15%" in res.stdout, res.stdout
 

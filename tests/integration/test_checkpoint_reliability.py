@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.limits import RUN_TIMEOUT_S
+
 from tests.integration.conftest import (REPO, TINY_MAE, free_port, read_metrics, run_script, train_losses,
                                         wait_for_step)
 
@@ -48,7 +50,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes_exactly(hyperspectral_data, t
     try:
         wait_for_step(run, 3, proc)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, proc.stderr.read()[-2000:]
     finally:
         proc.kill()
     stopped_at = int((run / "latest_checkpointed_iteration.txt").read_text())

@@ -13,6 +13,7 @@ import sys
 import time
 
 from tests.integration.conftest import REPO, TINY_MAE, read_metrics, run_script, wait_for_step
+from tests.limits import RUN_TIMEOUT_S
 
 
 def _args(data, *extra):
@@ -36,7 +37,7 @@ def test_workers_stop_on_sigterm_resume_exactly_and_match_inline(hyperspectral_d
     try:
         wait_for_step(run, 2, proc)
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, proc.stderr.read()[-2000:]
         deadline = time.time() + 10
         while True:  # no worker outlives the trainer
             try:

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.limits import SHORT_TIMEOUT_S
+from tests.tolerances import FLOAT32_REL, assert_close_scaled
 
 TP = 2
 
@@ -223,9 +225,10 @@ def test_dot_product_attention_matches_softmax_attention_tp2():
     for out in outs:
         for mask_type, result in out.items():
             got, want = result["out"]
-            torch.testing.assert_close(got, want, msg=f"forward, {mask_type}")
+            # megatron's attention kernel vs explicit softmax attention: relative to the largest value.
+            assert_close_scaled(got, want, FLOAT32_REL, f"forward, {mask_type}")
             for name, (got_grad, want_grad) in zip("qkv", result["grads"]):
-                torch.testing.assert_close(got_grad, want_grad, msg=f"d{name}, {mask_type}")
+                assert_close_scaled(got_grad, want_grad, FLOAT32_REL, f"d{name}, {mask_type}")
 
 
 def test_model_parallel_seed_tracker_and_recompute_tp2():
@@ -274,7 +277,7 @@ _NO_OP_SCRIPT = textwrap.dedent(
 
 def test_install_is_a_no_op_when_a_gpu_is_available():
     proc = subprocess.run(
-        [sys.executable, "-c", _NO_OP_SCRIPT], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _NO_OP_SCRIPT], capture_output=True, text=True, timeout=SHORT_TIMEOUT_S
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])

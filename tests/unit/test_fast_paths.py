@@ -12,6 +12,7 @@ import torch
 
 from megatron_dchag.layers.aggregation import ChunkAttentionPool, LinearAggregationLevel, TreeLevelPlan
 from megatron_dchag.layers.channel_plan import ChannelGroupPlan
+from tests.tolerances import FLOAT32_REL, FLOAT64_REL, assert_close_scaled, max_relative_error
 
 
 def test_chunk_attention_pool_gradcheck():
@@ -32,12 +33,13 @@ def test_equal_chunk_linear_level_matches_weighted_sums():
     x = torch.randn(24, 3, 2, 5, requires_grad=True)
     out = layer(x)
     ref = torch.stack([(layer.weight[4 * i:4 * i + 4].view(-1, 1, 1, 1) * x[4 * i:4 * i + 4]).sum(0) for i in range(6)])
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    # One product vs explicit sums (another summation order): relative to the largest value.
+    assert_close_scaled(out, ref, FLOAT32_REL, "equal-chunk level")
     g = torch.randn_like(out)
     gx, gw = torch.autograd.grad(out, (x, layer.weight), g)
     rx, rw = torch.autograd.grad(ref, (x, layer.weight), g)
-    torch.testing.assert_close(gx, rx)
-    torch.testing.assert_close(gw, rw)
+    assert_close_scaled(gx, rx, FLOAT32_REL, "input gradient")
+    assert_close_scaled(gw, rw, FLOAT32_REL, "weight gradient")
 
 
 def _final_and_recompute_checks():
@@ -63,7 +65,8 @@ def _final_and_recompute_checks():
         out = layer(x)
         (out * weights).sum().backward()
         results[folded] = [out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
-    equal = all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(results[True], results[False]))
+    # float64, two formulations of one function: FLOAT64_REL of each tensor's largest magnitude.
+    equal = all(max_relative_error(a, b) <= FLOAT64_REL for a, b in zip(results[True], results[False]))
 
     # Peak memory of forward + backward over many tokens: no [N, L*B, 2D] keys/values when folded.
     layer = layer.float()
@@ -90,7 +93,9 @@ def _final_and_recompute_checks():
         model(images).square().mean().backward()
         grads[granularity] = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
     missing = [n for n, g in grads["channel_stage"].items() if g is None]
-    same = all(torch.allclose(grads[None][n], g, rtol=1e-5, atol=1e-7) for n, g in grads["channel_stage"].items()
+    # Recompute replays the same kernels; FLOAT32_REL of the largest gradient leaves room for
+    # a different reduction order in backward.
+    same = all(max_relative_error(g, grads[None][n]) <= FLOAT32_REL for n, g in grads["channel_stage"].items()
                if g is not None)
     return equal, peaks, missing, same
 

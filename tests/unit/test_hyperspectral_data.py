@@ -118,6 +118,7 @@ def test_dataset_channel_range_is_the_ranks_slice_not_the_first_channels(tmp_pat
             item = ds[index]
             image = item["image"].numpy()
             np.testing.assert_array_equal(image, cubes[index][start:stop, y0:y1, x0:x1])
+            # wavelengths travel as float32 (8 eps of ~900 nm)
             np.testing.assert_allclose(item["wavelengths"].numpy(), np.linspace(400, 900, c)[start:stop], rtol=1e-6)
             if rank > 0:  # the known defect: every rank reading the first C/T channels
                 assert not np.array_equal(image, cubes[index][: stop - start, y0:y1, x0:x1])
@@ -281,6 +282,8 @@ def test_compute_stats_matches_numpy(tmp_path, dtype):
     cubes = [(5000 + rng.normal(0, 3, size=(7, 9 + i, 11)) * np.arange(1, 8)[:, None, None]).astype(dtype) for i in range(3)]
     root = _write_dir(tmp_path / "d", cubes, wavelengths=np.linspace(400, 900, 7))
     all_values = np.concatenate([c.reshape(7, -1).astype(np.float64) for c in cubes], axis=1)
+    # float64 streaming moments vs numpy's two-pass float64 result: 1e-6 relative is generous
+    # (the values carry an offset of 5,000 and the check is of numerical stability, not ulps).
     for block in (1, 3, None):
         stats = tool.compute_channel_stats(list_cube_files(root), channel_block=block)
         np.testing.assert_allclose(stats.mean, all_values.mean(axis=1), rtol=1e-6)
@@ -327,6 +330,7 @@ def test_dataset_normalizes_the_ranks_channels_with_the_stats(tmp_path):
     ds = HyperspectralDataset(root, crop_size=(6, 6), channel_range=(4, 8), split="all", stats_file=path)
     y0, y1, x0, x1 = ds.crop_window(1)
     expected = (cubes[1][4:8, y0:y1, x0:x1] - mean[4:8, None, None]) / std[4:8, None, None]
+    # float32 normalization in the dataset vs float64 numpy on values of O(10): ~84 eps relative.
     np.testing.assert_allclose(ds[1]["image"].numpy(), expected, rtol=1e-5, atol=1e-5)
     assert ds[1]["wavelengths"].numel() == 0  # no wavelengths anywhere: an empty tensor
 

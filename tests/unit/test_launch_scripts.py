@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.limits import RUN_TIMEOUT_S, SHORT_TIMEOUT_S
+
 REPO = Path(__file__).resolve().parents[2]
 
 FAKE_SRUN = r"""#!/bin/bash
@@ -77,7 +79,7 @@ def fake_slurm(tmp_path):
 
 
 def _run(cmd, env):
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")], res
 
@@ -116,10 +118,10 @@ def test_generic_sbatch_and_default_entry(fake_slurm):
 def test_sbatch_outside_an_allocation_fails_clearly(fake_slurm):
     env, probe, _ = fake_slurm
     res = subprocess.run(["bash", "launch/slurm/pretrain.sbatch", str(probe)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=SHORT_TIMEOUT_S)
     assert res.returncode != 0 and "SLURM_JOB_NODELIST" in res.stderr
     res = subprocess.run(["bash", "launch/slurm/pretrain.sbatch", "missing_entry.py"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=SHORT_TIMEOUT_S)
     assert res.returncode == 2 and "missing_entry.py" in res.stderr
 
 

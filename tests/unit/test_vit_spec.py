@@ -7,6 +7,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dchag.models.vit_spec import SDPACoreAttention, get_vit_layer_spec, transformer_engine_available
+from tests.tolerances import FLOAT32_REL, assert_close_scaled
 
 
 def test_sdpa_core_attention_matches_manual():
@@ -19,7 +20,8 @@ def test_sdpa_core_attention_matches_manual():
     out = core(q, k, v, attention_mask=None)
     scores = torch.einsum("sbhd,tbhd->bhst", q, k) / math.sqrt(d)
     ref = torch.einsum("bhst,tbhd->sbhd", torch.softmax(scores, -1), v).reshape(s, b, h * d)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # SDPA vs explicit einsum/softmax kernels: relative to the largest output.
+    assert_close_scaled(out, ref, FLOAT32_REL, "SDPA vs textbook attention")
 
 
 def test_spec_selection_without_te():
