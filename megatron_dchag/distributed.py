@@ -7,7 +7,7 @@
    ``SLURM_LOCALID``, ``SLURM_NTASKS`` and the first host of the node list; else one process.
 2. The resolved values are exported to ``os.environ`` so torch's ``env://`` rendezvous works.
 3. Backend: ``nccl`` (RCCL on ROCm) when a GPU is present, else ``gloo`` plus the CPU
-   compatibility layer (:mod:`megatron_dchag.cpu_compat`).
+   compatibility layer (:mod:`megatron_dchag.compat.cpu`).
 4. ``torch.distributed.init_process_group`` (an existing process group is reused), a clear error if
    the world size is not divisible by TP x PP, megatron-core's ``initialize_model_parallel``.
 5. Seeds: python ``random``, numpy and torch get the *same* seed on every rank (replicated
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_dchag.cpu_compat import install_cpu_compat
+from megatron_dchag.compat.cpu import install_cpu_compat
 from megatron_dchag.launch_env import (  # noqa: F401  (re-exported: the launch side lives there)
     DEFAULT_MASTER_PORT,
     LaunchEnv,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-from megatron_dchag.config import ModelConfig, aggregation_level_sizes, resolve_channel_groups, split_evenly
+from megatron_dchag.config import ModelConfig, aggregation_level_sizes, resolve_model, split_evenly
 
 __all__ = [
     "TRAINING_MULTIPLIER",
@@ -64,10 +64,11 @@ def cross_attention_flops(num_tokens: int, num_queries: int, positions: int, hid
     return float(4 * n * bp * d * d + 4 * n * bp * d + 2 * m * bp * d * d)
 
 
-def _partial_aggregation_flops(model: ModelConfig, groups: int, positions: int) -> float:
-    d, heads = model.hidden_size, model.num_aggregation_heads
+def _partial_aggregation_flops(model: ModelConfig, positions: int) -> float:
+    """``model`` resolved."""
+    d, heads = model.hidden_size, model.aggregation_heads
     total = 0.0
-    for size in split_evenly(model.num_channels, groups):
+    for size in split_evenly(model.num_channels, model.channel_groups):
         for chunks in aggregation_level_sizes(size, model.aggregation_tree):
             n, m = sum(chunks), len(chunks)
             if model.aggregation_layer == "linear":
@@ -88,24 +89,25 @@ def flops_breakdown(
     """Forward FLOPs by part: ``tokenizer``, ``partial_aggregation``, ``final_aggregation``,
     ``backbone``, ``head`` (0 unless ``with_head``) and ``total``.
 
+    ``model``: as written or resolved; ``tensor_model_parallel_size`` only matters for a model whose
+    ``channel_groups`` is unset (it is resolved with :func:`~megatron_dchag.config.resolve_model`: G = T).
     ``visible_patches``: patch positions that are tokenized (MAE masking), default all.
-    ``tensor_model_parallel_size`` only resolves the default number of channel groups (G = T).
     ``values_per_channel``: outputs per channel and patch of the head (default ``p*p``).
     """
+    model = resolve_model(model, tensor_model_parallel_size)
     c, d, k = model.num_channels, model.hidden_size, model.patch_size**2
     seq = model.num_patches if visible_patches is None else int(visible_patches)
     positions = batch_size * seq
-    groups = resolve_channel_groups(model, tensor_model_parallel_size)
     out: Dict[str, float] = {}
     out["tokenizer"] = 2.0 * positions * c * k * d
     if model.uses_partial_aggregation:
-        out["partial_aggregation"] = _partial_aggregation_flops(model, groups, positions)
-        final_tokens = groups
+        out["partial_aggregation"] = _partial_aggregation_flops(model, positions)
+        final_tokens = model.channel_groups
     else:
         out["partial_aggregation"] = 0.0
         final_tokens = c
-    out["final_aggregation"] = cross_attention_flops(final_tokens, 1, positions, d, model.num_aggregation_heads) + 4.0 * d * d
-    backbone = transformer_flops(model.num_layers, d, model.ffn_size, seq, batch_size)
+    out["final_aggregation"] = cross_attention_flops(final_tokens, 1, positions, d, model.aggregation_heads) + 4.0 * d * d
+    backbone = transformer_flops(model.num_layers, d, model.ffn_hidden_size, seq, batch_size)
     if model.lead_time_embedding:
         backbone += 2.0 * batch_size * d * d
     out["backbone"] = backbone

@@ -1,4 +1,4 @@
-"""Analytic per-rank memory model of D-CHAG training (DESIGN 5).
+"""Analytic per-rank memory model of D-CHAG training.
 
 Counts what one tensor-parallel rank holds at its peak: parameters, gradients, optimizer state,
 inputs and activations (tokenizer, channel aggregation, backbone, head), for any configuration
@@ -49,7 +49,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from megatron_dchag.config import aggregation_level_sizes, split_evenly
+from megatron_dchag.config import AGGREGATION_LAYERS, STRATEGIES, aggregation_level_sizes, resolve_model, split_evenly
 
 __all__ = ["MemoryConfig", "MemoryEstimate", "estimate_memory", "param_counts", "PAPER_MODELS", "paper_config",
            "GIB", "GB"]
@@ -57,11 +57,12 @@ __all__ = ["MemoryConfig", "MemoryEstimate", "estimate_memory", "param_counts", 
 GIB = 2**30
 GB = 10**9
 
-STRATEGIES = ("dchag", "tp_baseline", "dist_tokenize", "hierarchical")
-
 
 @dataclass
 class MemoryConfig:
+    """One configuration to estimate. The model fields are named as in ``ModelConfig`` and their
+    unset defaults (G, FFN width, aggregation heads) resolve the same way."""
+
     # model
     hidden_size: int = 256
     num_layers: int = 2
@@ -89,22 +90,22 @@ class MemoryConfig:
     recompute: Optional[str] = None  # backbone: None, "selective" or "full"
     recompute_channel_stage: bool = False
 
-    # -- derived ---------------------------------------------------------------------------------
+    # -- derived (the defaults resolved as for a ModelConfig, by megatron_dchag.config.resolve_model) --
     @property
     def tp(self) -> int:
         return self.tensor_model_parallel_size
 
     @property
     def groups(self) -> int:
-        return self.channel_groups if self.channel_groups is not None else self.tp
+        return resolve_model(self, self.tp).channel_groups
 
     @property
     def ffn(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        return resolve_model(self, self.tp).ffn_hidden_size
 
     @property
     def agg_heads(self) -> int:
-        return self.aggregation_heads or self.num_attention_heads
+        return resolve_model(self, self.tp).aggregation_heads
 
     @property
     def num_patches(self) -> int:
@@ -130,7 +131,7 @@ class MemoryConfig:
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.aggregation_layer not in ("linear", "cross_attention"):
+        if self.aggregation_layer not in AGGREGATION_LAYERS:
             raise ValueError(f"aggregation_layer={self.aggregation_layer!r} must be linear or cross_attention")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r} must be fp32 or bf16")
@@ -345,7 +346,7 @@ def estimate_memory(cfg: MemoryConfig) -> MemoryEstimate:
 # ------------------------------------------------------------------------------------------------
 
 # Backbone sizes for the paper's model sizes (ViT, 32 layers; 12 D^2 parameters per layer):
-# 7B: D=4096 (6.4B backbone), 15B: D=6144 (14.5B), 26B: D=8192 (25.8B), as in DESIGN 5 / the issue.
+# 7B: D=4096 (6.4B backbone), 15B: D=6144 (14.5B), 26B: D=8192 (25.8B).
 PAPER_MODELS = {
     "1.7B": dict(hidden_size=2048, num_layers=32, num_attention_heads=16),
     "7B": dict(hidden_size=4096, num_layers=32, num_attention_heads=32),

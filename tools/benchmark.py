@@ -638,7 +638,7 @@ def _gpu_count() -> int:
 
 
 def make_record(args, case: Case, measured: Dict[str, Any]) -> Dict[str, Any]:
-    from megatron_dchag.config import resolve_channel_groups
+    from megatron_dchag.config import resolve_model
 
     cfg = model_config_for(args, case)
     rec: Dict[str, Any] = {
@@ -648,7 +648,7 @@ def make_record(args, case: Case, measured: Dict[str, Any]) -> Dict[str, Any]:
         "label": case.label,
         "tp": case.tp,
         "channels": case.channels,
-        "channel_groups": resolve_channel_groups(cfg, case.tp),
+        "channel_groups": resolve_model(cfg, case.tp).channel_groups,
         "micro_batch_size": args.micro_batch_size,
         "bf16": bool(args.bf16),
         "recompute_channel_stage": bool(args.recompute_channel_stage),

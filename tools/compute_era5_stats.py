@@ -36,12 +36,14 @@ import numpy as np
 import pandas as pd
 
 try:
-    from megatron_dchag.data.era5 import ChannelReader, ERA5Stats, available_channels, open_era5, save_era5_stats
-    from megatron_dchag.data.era5_variables import LAT_DIM, LON_DIM, TIME_DIM, parse_channels
+    from megatron_dchag.data.era5.naming import LAT_DIM, LON_DIM, TIME_DIM, parse_channels
+    from megatron_dchag.data.era5.statistics import ERA5Stats, save_era5_stats
+    from megatron_dchag.data.era5.store import ChannelReader, available_channels, open_era5
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from megatron_dchag.data.era5 import ChannelReader, ERA5Stats, available_channels, open_era5, save_era5_stats  # noqa: E402
-    from megatron_dchag.data.era5_variables import LAT_DIM, LON_DIM, TIME_DIM, parse_channels  # noqa: E402
+    from megatron_dchag.data.era5.naming import LAT_DIM, LON_DIM, TIME_DIM, parse_channels  # noqa: E402
+    from megatron_dchag.data.era5.statistics import ERA5Stats, save_era5_stats  # noqa: E402
+    from megatron_dchag.data.era5.store import ChannelReader, available_channels, open_era5  # noqa: E402
 
 
 def _time_slice(times: np.ndarray, time_range: Optional[Tuple[str, str]]) -> slice:

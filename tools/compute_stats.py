@@ -4,7 +4,7 @@
 One file at a time, and within a file one block of channels at a time (bounded memory whatever
 the cube size); block moments are computed in float64 and merged with Chan et al.'s parallel
 formula, so the result does not depend on how the data are blocked. The statistics file
-(``.npz`` or ``.json``, see ``megatron_dchag.data.hyperspectral.save_channel_stats``) is written
+(``.npz`` or ``.json``, see ``megatron_dchag.data.hyperspectral.statistics.save_channel_stats``) is written
 atomically: a temporary file in the same directory, then ``os.replace``.
 
 Usage::
@@ -28,14 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_dchag.data.hyperspectral import (  # noqa: E402
+from megatron_dchag.data.hyperspectral.discovery import list_cube_files, split_files  # noqa: E402
+from megatron_dchag.data.hyperspectral.formats import CubeFormatError, open_cube  # noqa: E402
+from megatron_dchag.data.hyperspectral.statistics import (  # noqa: E402
     ChannelStats,
-    CubeFormatError,
     RunningChannelMoments,
-    list_cube_files,
-    open_cube,
     save_channel_stats,
-    split_files,
 )
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20  # float64 working set per channel block

@@ -55,7 +55,7 @@ import pandas as pd
 import xarray as xr
 
 try:
-    from megatron_dchag.data.era5_variables import (
+    from megatron_dchag.data.era5.naming import (
         DEFAULT_PRESSURE_LEVELS,
         GRAVITY,
         VARIABLES,
@@ -63,7 +63,7 @@ try:
     )
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from megatron_dchag.data.era5_variables import (  # noqa: E402
+    from megatron_dchag.data.era5.naming import (  # noqa: E402
         DEFAULT_PRESSURE_LEVELS,
         GRAVITY,
         VARIABLES,

@@ -39,7 +39,7 @@ from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_dchag.data.hyperspectral import write_envi_cube, write_hdf5_cube  # noqa: E402
+from megatron_dchag.data.hyperspectral.formats import write_envi_cube, write_hdf5_cube  # noqa: E402
 
 ENDMEMBER_NAMES: Tuple[str, ...] = ("vegetation", "soil", "water", "shadow")
 UINT16_REFLECTANCE_SCALE = 10000.0

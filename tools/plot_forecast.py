@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 
 def forecast(args) -> dict:
-    from megatron_dchag.data.era5 import ERA5Dataset
-    from megatron_dchag.data.era5_variables import parse_channels
+    from megatron_dchag.data.era5.dataset import ERA5Dataset
+    from megatron_dchag.data.era5.naming import parse_channels
     from megatron_dchag.distributed import destroy_distributed, initialize_distributed
     from megatron_dchag.metrics import latitude_weights, weighted_rmse
     from megatron_dchag.models.forecast import ForecastModel, forecast_channels
@@ -94,7 +94,7 @@ def plot(result: dict, out_path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from megatron_dchag.data.era5_variables import parse_channel
+    from megatron_dchag.data.era5.naming import parse_channel
 
     panels = result["panels"]
     lat, lon = result["latitudes"], result["longitudes"]

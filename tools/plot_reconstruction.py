@@ -36,7 +36,8 @@ def _false_colour(cube: np.ndarray, wavelengths: Optional[np.ndarray], bands=(65
 
 
 def reconstruct(args) -> dict:
-    from megatron_dchag.data.hyperspectral import HyperspectralDataset, load_channel_stats
+    from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset
+    from megatron_dchag.data.hyperspectral.statistics import load_channel_stats
     from megatron_dchag.distributed import destroy_distributed, initialize_distributed
     from megatron_dchag.models.mae import MaskedAutoencoder
     from megatron_dchag.tasks.mae_pretraining import mask_generator

@@ -17,7 +17,7 @@ Interpolation is **bilinear** in (latitude, longitude), **periodic in longitude*
 On a smooth field both agree to within interpolation error; tests check the scipy path against
 the analytic field. ``--method nearest`` is also offered.
 
-Input is anything :func:`megatron_dchag.data.era5.open_era5` reads (any naming convention, zarr or
+Input is anything :func:`megatron_dchag.data.era5.store.open_era5` reads (any naming convention, zarr or
 netCDF, one file or many); output uses the canonical names (WeatherBench 2 long names,
 ``time/level/latitude/longitude``). The data is streamed one variable and ``--time-chunk`` time steps at a time, and
 the store is written to a temporary directory next to ``--output`` and renamed into place only
@@ -46,12 +46,12 @@ import numpy as np
 import xarray as xr
 
 try:
-    from megatron_dchag.data.era5 import open_era5
-    from megatron_dchag.data.era5_variables import LAT_DIM, LON_DIM, TIME_DIM, regular_latlon_grid
+    from megatron_dchag.data.era5.naming import LAT_DIM, LON_DIM, TIME_DIM, regular_latlon_grid
+    from megatron_dchag.data.era5.store import open_era5
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from megatron_dchag.data.era5 import open_era5  # noqa: E402
-    from megatron_dchag.data.era5_variables import LAT_DIM, LON_DIM, TIME_DIM, regular_latlon_grid  # noqa: E402
+    from megatron_dchag.data.era5.naming import LAT_DIM, LON_DIM, TIME_DIM, regular_latlon_grid  # noqa: E402
+    from megatron_dchag.data.era5.store import open_era5  # noqa: E402
 
 HAS_XESMF = importlib.util.find_spec("xesmf") is not None
 METHODS = ("bilinear", "nearest")

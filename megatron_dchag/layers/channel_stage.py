@@ -34,13 +34,16 @@ from megatron_dchag.layers.tokenizer import ChannelEmbedding, GroupedPatchTokeni
 
 
 def make_channel_plan(model: ModelConfig, tp_size: Optional[int] = None, tp_rank: Optional[int] = None) -> ChannelGroupPlan:
-    """The plan for this rank (TP size and rank from ``parallel_state`` unless given)."""
+    """The plan for this rank (TP size and rank from ``parallel_state`` unless given) of a resolved
+    ``model`` (:func:`~megatron_dchag.config.resolve_model`: ``channel_groups`` set)."""
     if tp_size is None:
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if tp_rank is None:
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    groups = model.channel_groups if model.channel_groups is not None else tp_size
-    return ChannelGroupPlan(model.num_channels, groups, tp_size, tp_rank)
+    if model.channel_groups is None:
+        raise ValueError("model.channel_groups is unset: build models from a resolved config "
+                         "(megatron_dchag.config.resolve_config or resolve_model)")
+    return ChannelGroupPlan(model.num_channels, model.channel_groups, tp_size, tp_rank)
 
 
 class ChannelAggregationStage(GroupShardedStateMixin, nn.Module):
@@ -70,12 +73,12 @@ class ChannelAggregationStage(GroupShardedStateMixin, nn.Module):
         self.partial_aggregation = (
             PartialChannelAggregation(
                 plan, self.sharded, model.aggregation_tree, model.aggregation_layer, d,
-                model.num_aggregation_heads, seed, model.init_method_std,
+                model.aggregation_heads, seed, model.init_method_std,
             )
             if self.hierarchical
             else None
         )
-        self.final_aggregation = FinalChannelCrossAttention(config, d, model.num_aggregation_heads, seed)
+        self.final_aggregation = FinalChannelCrossAttention(config, d, model.aggregation_heads, seed)
 
     @property
     def input_channel_range(self) -> Tuple[int, int]:

@@ -33,7 +33,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dchag.config import ModelConfig, ParallelConfig, TrainingConfig
+from megatron_dchag.config import ModelConfig, ParallelConfig, TrainingConfig, resolve_model
 from megatron_dchag.layers.channel_plan import group_generator
 from megatron_dchag.layers.channel_stage import ChannelAggregationStage, make_channel_plan
 from megatron_dchag.layers.embeddings import lead_time_features, sincos_2d, xavier_uniform_
@@ -118,7 +118,7 @@ def make_transformer_config(
         num_layers=layers,
         hidden_size=hidden,
         num_attention_heads=num_attention_heads or model.num_attention_heads,
-        ffn_hidden_size=ffn_hidden_size or (model.ffn_size if hidden_size is None else 4 * hidden),
+        ffn_hidden_size=ffn_hidden_size or (model.ffn_hidden_size if hidden_size is None else 4 * hidden),
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         **pipeline,
         use_cpu_initialization=True,
@@ -248,10 +248,10 @@ class DCHAGEncoder(MegatronModule):
 
 def build_encoder(model: ModelConfig, parallel: Optional[ParallelConfig] = None,
                   training: Optional[TrainingConfig] = None, seed: int = 1234, **kwargs) -> DCHAGEncoder:
-    """Validate ``model`` against the current TP size and build the encoder."""
-    from megatron_dchag.config import validate_model_config
-
-    validate_model_config(model, parallel_state.get_tensor_model_parallel_world_size())
+    """Resolve ``model`` at the current TP size (G = TP when unset), validate it and build the encoder."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = resolve_model(model, tp)
+    model.validate(tp)
     config = make_transformer_config(model, parallel, training)
     return DCHAGEncoder(model, config, seed=seed, recompute_channel_stage=(
         training is not None and training.recompute_granularity == "channel_stage"), **kwargs)

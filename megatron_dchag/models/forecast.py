@@ -40,7 +40,7 @@ import torch
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_dchag.config import ConfigError, ExperimentConfig, split_evenly, validate_model_config
+from megatron_dchag.config import ConfigError, ExperimentConfig, resolve_config, split_evenly
 from megatron_dchag.layers.channel_plan import ChannelGroupPlan
 from megatron_dchag.layers.channel_stage import make_channel_plan
 from megatron_dchag.layers.heads import ChannelParallelHead, reduce_loss_across_tp
@@ -87,7 +87,7 @@ class ForecastChannels:
     @staticmethod
     def resolve(channels: Optional[Sequence[str]], output_channels: Optional[Sequence[str]], num_groups: int) -> "ForecastChannels":
         """Raises :class:`ConfigError` naming the field on a bad channel list."""
-        from megatron_dchag.data.era5_variables import DEFAULT_ERA5_CHANNELS, parse_channels
+        from megatron_dchag.data.era5.naming import DEFAULT_ERA5_CHANNELS, parse_channels
 
         try:
             inputs = [s.name for s in parse_channels(channels if channels is not None else DEFAULT_ERA5_CHANNELS)]
@@ -103,8 +103,6 @@ class ForecastChannels:
             wanted = [s.name for s in parse_channels(output_channels)]
         except ValueError as exc:
             raise ConfigError(f"forecast.output_channels: {exc}") from None
-        if not wanted:
-            raise ConfigError("forecast.output_channels is empty (leave it unset to predict every input channel)")
         position = {name: i for i, name in enumerate(inputs)}
         missing = [name for name in wanted if name not in position]
         if missing:
@@ -145,7 +143,7 @@ class ForecastChannels:
 
     def loss_channel_mask(self, loss_on_constants: bool) -> np.ndarray:
         """Bool ``[C_out]``: outputs that count in the loss."""
-        from megatron_dchag.data.era5_variables import parse_channel
+        from megatron_dchag.data.era5.naming import parse_channel
 
         if loss_on_constants:
             return np.ones(len(self.outputs), dtype=bool)
@@ -153,8 +151,14 @@ class ForecastChannels:
 
 
 def forecast_channels(cfg: ExperimentConfig) -> ForecastChannels:
-    groups = cfg.model.channel_groups if cfg.model.channel_groups is not None else cfg.parallel.tensor_model_parallel_size
-    return ForecastChannels.resolve(cfg.data.channels, cfg.forecast.output_channels, groups)
+    """The run's channels (``cfg`` resolved: G set); ``model.num_channels`` must be their number."""
+    channels = ForecastChannels.resolve(cfg.data.channels, cfg.forecast.output_channels, cfg.model.channel_groups)
+    if len(channels.inputs) != cfg.model.num_channels:
+        raise ConfigError(
+            f"model.num_channels={cfg.model.num_channels} does not match the {len(channels.inputs)} channels of "
+            "data.channels"
+        )
+    return channels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,8 +208,9 @@ class ForecastOutput(NamedTuple):
 
 
 class ForecastModel(MegatronModule):
-    """See the module docstring. ``latitudes``: the data's latitude of each image row (degrees,
-    any order; default a regular cell-centre grid, south to north)."""
+    """See the module docstring. ``cfg``: as loaded or already resolved (its defaults, G among
+    them, are filled in by :func:`~megatron_dchag.config.resolve_config`). ``latitudes``: the data's
+    latitude of each image row (degrees, any order; default a regular cell-centre grid, south to north)."""
 
     def __init__(
         self,
@@ -217,10 +222,11 @@ class ForecastModel(MegatronModule):
     ):
         from megatron_dchag.metrics import latitude_weights
 
+        cfg = resolve_config(cfg)
         model, fc = cfg.model, cfg.forecast
         if not model.lead_time_embedding:
             raise ConfigError("model.lead_time_embedding must be true for forecasting (the lead time is a model input)")
-        validate_model_config(model, cfg.parallel.tensor_model_parallel_size)
+        model.validate(cfg.parallel.tensor_model_parallel_size)
         config = make_transformer_config(model, cfg.parallel, cfg.training)
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder
@@ -229,10 +235,6 @@ class ForecastModel(MegatronModule):
         self.patch_size = model.patch_size
         self.plan = make_channel_plan(model)
         self.channels = forecast_channels(cfg)
-        if len(self.channels.inputs) != model.num_channels:
-            raise ConfigError(
-                f"model.num_channels={model.num_channels} does not match the {len(self.channels.inputs)} channels of data.channels"
-            )
         self._input_range = self.plan.owned_channel_range(model.shards_channels)
         self.encoder = DCHAGEncoder(
             model, config, seed=seed, pre_process=pre_process, post_process=post_process,

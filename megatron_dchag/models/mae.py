@@ -28,18 +28,13 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from megatron_dchag.config import ExperimentConfig, MAEConfig, validate_model_config
+from megatron_dchag.config import ExperimentConfig, MAEConfig, num_masked_patches, resolve_config
 from megatron_dchag.layers.channel_plan import group_generator
 from megatron_dchag.layers.embeddings import sincos_2d, xavier_uniform_
 from megatron_dchag.layers.heads import ChannelParallelHead, reduce_loss_across_tp
 from megatron_dchag.layers.tokenizer import patchify_channels_first
 from megatron_dchag.models.encoder import DCHAGEncoder, make_transformer_config
 from megatron_dchag.models.vit_spec import get_vit_block_spec
-
-
-def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
-    """Masked patch positions per sample (at least one, and at least one stays visible)."""
-    return min(max(int(round(num_patches * mask_ratio)), 1), num_patches - 1)
 
 
 def random_patch_mask(
@@ -65,8 +60,9 @@ class MAEOutput(NamedTuple):
 class MaskedAutoencoder(MegatronModule):
     def __init__(self, cfg: ExperimentConfig, seed: int = 1234, wavelengths: Optional[Sequence[float]] = None,
                  pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
+        cfg = resolve_config(cfg)  # as loaded or already resolved: G and the other defaults filled in
         model, mae = cfg.model, cfg.mae
-        validate_model_config(model, cfg.parallel.tensor_model_parallel_size)
+        model.validate(cfg.parallel.tensor_model_parallel_size)
         enc_config = make_transformer_config(model, cfg.parallel, cfg.training)
         super().__init__(config=enc_config)
         self.model_type = ModelType.encoder_or_decoder

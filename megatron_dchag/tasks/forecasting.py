@@ -2,14 +2,14 @@
 
 Data. Every rank reads only its channels: the input channels of its channel groups
 (``model.input_channel_range``) and the output channels it predicts
-(``model.output_channel_range``), through :class:`~megatron_dchag.data.era5.ERA5Dataset`,
+(``model.output_channel_range``), through :class:`~megatron_dchag.data.era5.dataset.ERA5Dataset`,
 normalized with the statistics of ``data.stats_file``.
 
 Training draws **one lead time per micro-batch**, a pure function of ``(seed, micro-batch
-step)`` (:class:`~megatron_dchag.data.era5.ERA5TrainBatchSampler`): all TP ranks of a DP rank read
+step)`` (:class:`~megatron_dchag.data.sampler.ERA5TrainBatchSampler`): all TP ranks of a DP rank read
 the same samples, and the stream's state is just the step, so a resumed run replays exactly.
 ``data.num_workers`` background processes read the samples and collate the micro-batches
-(:mod:`~megatron_dchag.training.micro_batch_loader`); the saved step is the last one consumed.
+(:mod:`~megatron_dchag.data.loader`); the saved step is the last one consumed.
 
 Evaluation uses the fixed leads ``forecast.eval_lead_hours`` on the validation split (the last
 ``data.val_fraction`` of the time steps). The ``eval_iters × micro-batches`` evaluation batches are
@@ -35,9 +35,9 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 
-from megatron_dchag.config import ConfigError, ExperimentConfig
+from megatron_dchag.config import ConfigError, ExperimentConfig, resolve_config, run_shape
+from megatron_dchag.data.loader import CountingPlan, MicroBatchLoader
 from megatron_dchag.models.forecast import ForecastChannels, ForecastModel, forecast_channels
-from megatron_dchag.training.micro_batch_loader import CountingPlan, MicroBatchLoader
 from megatron_dchag.training.task import Task, batch_to_device
 
 METRIC_ORDER = ("rmse", "persistence_rmse", "climatology_rmse", "acc", "mse", "rmse_of_mean_mse")
@@ -97,21 +97,16 @@ class ERA5ForecastTask(Task):
 
     # -- set-up -------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        from megatron_dchag.data.era5 import ERA5Dataset, open_era5
-        from megatron_dchag.data.era5_variables import LAT_DIM, LON_DIM, parse_channels
+        from megatron_dchag.data.era5.dataset import ERA5Dataset
+        from megatron_dchag.data.era5.naming import LAT_DIM, LON_DIM, parse_channels
+        from megatron_dchag.data.era5.store import open_era5
 
         cfg, d, m, fc = self.cfg, self.cfg.data, self.cfg.model, self.cfg.forecast
-        if not m.lead_time_embedding:
-            raise ConfigError("model.lead_time_embedding must be true for forecasting (the lead time is a model input)")
         if not d.data_path:
             raise ConfigError("data.data_path is not set (give --data-path PATH or data.data_path=PATH)")
         if not d.stats_file:
             raise ConfigError("data.stats_file is not set (make one with tools/compute_era5_stats.py)")
         self.channels = forecast_channels(cfg)
-        if len(self.channels.inputs) != m.num_channels:
-            raise ConfigError(
-                f"model.num_channels={m.num_channels} does not match the {len(self.channels.inputs)} channels of data.channels"
-            )
         try:
             metric_names = [s.name for s in parse_channels(fc.metric_variables)]
         except ValueError as exc:
@@ -158,19 +153,14 @@ class ERA5ForecastTask(Task):
                              pre_process=pre_process, post_process=post_process)
 
     def _rank_dataset(self, model: ForecastModel, split: str, **kwargs):
-        from megatron_dchag.data.era5 import ERA5Dataset
+        from megatron_dchag.data.era5.dataset import ERA5Dataset
 
         return ERA5Dataset(self.cfg.data.data_path, **self._dataset_kwargs(split), channel_range=model.input_channel_range,
                            output_channel_range=model.output_channel_range, **kwargs)
 
-    def _num_microbatches(self, dp_size: int) -> int:
-        tr = self.cfg.training
-        gbs = tr.global_batch_size or tr.micro_batch_size * dp_size
-        return gbs // (tr.micro_batch_size * dp_size)
-
     # -- data -------------------------------------------------------------------------------------
     def train_stream(self, model, dp_rank, dp_size):
-        from megatron_dchag.data.era5 import ERA5TrainBatchSampler
+        from megatron_dchag.data.sampler import ERA5TrainBatchSampler
 
         dataset = self._rank_dataset(model, "train")
         try:
@@ -181,7 +171,7 @@ class ERA5ForecastTask(Task):
         return ForecastTrainStream(dataset, sampler, num_workers=self.cfg.data.num_workers)
 
     def eval_stream(self, model, dp_rank, dp_size):
-        from megatron_dchag.data.era5 import ERA5EvalBatchSampler
+        from megatron_dchag.data.sampler import ERA5EvalBatchSampler
         from megatron_dchag.metrics import ForecastMetrics, latitude_weights
 
         fc, tr = self.cfg.forecast, self.cfg.training
@@ -189,9 +179,10 @@ class ERA5ForecastTask(Task):
         if self._eval_dataset is None:
             self._eval_dataset = self._rank_dataset(model, "val", lead_times_hours=leads, return_climatology=True)
         dataset = self._eval_dataset
-        total = max(1, tr.eval_iters) * self._num_microbatches(dp_size)
+        shape = run_shape(self.cfg, dp_size)
+        total = max(1, tr.eval_iters) * shape.num_microbatches
         rows = max(1, math.ceil(total / len(leads)))
-        per_step = tr.micro_batch_size * dp_size
+        per_step = shape.micro_batch_size * shape.data_parallel_size
         stride = max(1, len(dataset.valid_start_indices) // (rows * per_step))
         try:
             sampler = ERA5EvalBatchSampler(dataset, tr.micro_batch_size, lead_times_hours=leads, data_parallel_rank=dp_rank,
@@ -253,8 +244,9 @@ class ERA5ForecastTask(Task):
         from megatron_dchag.config import build_dataclass
 
         try:
-            saved = build_dataclass(ExperimentConfig, {k: saved_config.get(k) or {} for k in ("model", "data", "forecast",
-                                                                                              "parallel")})
+            # resolved at its own TP size: a checkpoint saved with channel_groups null keeps its G
+            saved = resolve_config(build_dataclass(ExperimentConfig, {k: saved_config.get(k) or {} for k in (
+                "model", "data", "forecast", "parallel")}))
             theirs = forecast_channels(saved)
         except (ConfigError, TypeError, ValueError):
             return []  # not a forecasting checkpoint: the model fields tell the story
@@ -318,7 +310,7 @@ class ERA5ForecastTask(Task):
         return out
 
     def markdown_table(self, metrics: Dict[str, float], step: int, counts: Dict[str, int]) -> str:
-        from megatron_dchag.data.era5_variables import parse_channel
+        from megatron_dchag.data.era5.naming import parse_channel
 
         fc = self.cfg.forecast
         n = max(counts.values()) if counts else 0

@@ -5,7 +5,7 @@ channel groups under ``dchag``/``dist_tokenize``, all channels under the unshard
 Micro-batches are drawn by a resumable, seeded sampler over data-parallel ranks; the random patch
 mask of a sample is a pure function of ``(seed, epoch, sample index)``, so every TP rank of a DP
 rank masks the same patches and a resumed run repeats the same masks. ``data.num_workers``
-background processes read the crops and build the micro-batches (:mod:`~megatron_dchag.training.micro_batch_loader`).
+background processes read the crops and build the micro-batches (:mod:`~megatron_dchag.data.loader`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from megatron_dchag.config import ConfigError, ExperimentConfig
-from megatron_dchag.data.hyperspectral import HyperspectralDataset, list_cube_files, scan_cubes
+from megatron.core import parallel_state
+
+from megatron_dchag.config import ConfigError, ExperimentConfig, RunShape, run_shape
+from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset
+from megatron_dchag.data.hyperspectral.discovery import list_cube_files, scan_cubes
+from megatron_dchag.data.loader import MicroBatchLoader, MicroBatchPlan
 from megatron_dchag.data.sampler import DistributedResumableSampler
 from megatron_dchag.models.mae import MaskedAutoencoder, random_patch_mask
-from megatron_dchag.training.micro_batch_loader import MicroBatchLoader, MicroBatchPlan
 from megatron_dchag.training.task import Task, batch_to_device
 
 
@@ -125,12 +128,12 @@ class HyperspectralMAETask(Task):
         return MaskedAutoencoder(self.cfg, seed=self.cfg.training.seed, wavelengths=self.cfg.model.wavelengths,
                                  pre_process=pre_process, post_process=post_process)
 
+    def _shape(self) -> RunShape:
+        return run_shape(self.cfg, parallel_state.get_data_parallel_world_size())
+
     def pipeline_tensor_shape(self):
         """The encoder's visible tokens ``(L_visible, D)`` travel between pipeline stages."""
-        from megatron_dchag.models.mae import num_masked_patches
-
-        m = self.cfg.model
-        return (m.num_patches - num_masked_patches(m.num_patches, self.cfg.mae.mask_ratio), m.hidden_size)
+        return (self._shape().visible_patches, self.cfg.model.hidden_size)
 
     def _stream(self, model: MaskedAutoencoder, split: str, dp_rank: int, dp_size: int, shuffle: bool) -> MaskedCubeStream:
         dataset = HyperspectralDataset(
@@ -172,10 +175,8 @@ class HyperspectralMAETask(Task):
         """Encoder on the visible patches + decoder on all patches + head on the masked ones, x3."""
         from megatron_dchag.flops import encoder_flops, training_flops, transformer_flops
 
-        m, mae = self.cfg.model, self.cfg.mae
-        num_patches = m.num_patches
-        num_masked = min(max(int(round(num_patches * mae.mask_ratio)), 1), num_patches - 1)
-        visible = num_patches - num_masked
+        m, mae, shape = self.cfg.model, self.cfg.mae, self._shape()
+        num_patches, visible, num_masked = shape.num_patches, shape.visible_patches, shape.masked_patches
         dd = mae.decoder_hidden_size
         forward = (
             encoder_flops(m, 1, visible, self.cfg.parallel.tensor_model_parallel_size)

@@ -23,7 +23,14 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 import yaml
 
-from megatron_dchag.config import ConfigError, ExperimentConfig, build_dataclass, config_to_dict, validate_config
+from megatron_dchag.config import (
+    ConfigError,
+    ExperimentConfig,
+    build_dataclass,
+    config_to_dict,
+    resolve_config,
+    validate_config,
+)
 from megatron_dchag.training.checkpointing import (
     CheckpointError,
     TrainingState,
@@ -59,7 +66,7 @@ SAVED = "saved"  # config_for_layout: keep the checkpoint's virtual pipeline siz
 
 def config_for_layout(saved: Dict[str, Any], tp: int, pp: int, vpp: Union[int, None, str] = SAVED,
                       task: Optional[str] = None) -> ExperimentConfig:
-    """The saved config moved to another TP x PP (x VPP) layout, channel groups pinned to the saved G.
+    """The saved config, resolved, moved to another TP x PP (x VPP) layout; G stays the saved one.
 
     Validated as the run would be: ``task`` (the checkpoint's task name) selects the workload
     sections checked, as the entry script does; unknown or ``None``: all of them.
@@ -69,10 +76,10 @@ def config_for_layout(saved: Dict[str, Any], tp: int, pp: int, vpp: Union[int, N
     when it has one entry per target stage (PP or PP x VPP entries), else the layers are split
     evenly.
     """
-    cfg = build_dataclass(ExperimentConfig, saved)
+    # Resolved at the saved layout first: a config saved with channel_groups null (G = the TP size at
+    # creation) keeps that G at the target TP size.
+    cfg = resolve_config(build_dataclass(ExperimentConfig, saved))
     par = cfg.parallel
-    if cfg.model.channel_groups is None:  # G defaulted to the TP size at creation: keep that G
-        cfg.model.channel_groups = par.tensor_model_parallel_size
     par.tensor_model_parallel_size = tp
     par.pipeline_model_parallel_size = pp
     keep_saved = vpp == SAVED

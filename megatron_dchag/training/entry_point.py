@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from megatron_dchag.config import ConfigError, ExperimentConfig
+from megatron_dchag.config import ConfigError, ExperimentConfig, resolve_config
 from megatron_dchag.training.task import Task
 
 EXIT_BAD_INPUT = 2
@@ -25,13 +25,13 @@ def _launched_world_size() -> int:
 
 def user_errors() -> tuple:
     """Exceptions that mean "your input is wrong", reported in one line."""
-    from megatron_dchag.data.hyperspectral import CubeFormatError, CubeReadError
+    from megatron_dchag.data.hyperspectral.formats import CubeFormatError, CubeReadError
     from megatron_dchag.training.checkpointing import CheckpointError
     from megatron_dchag.training.trainer import TrainingStopped
 
     errors = [ConfigError, CheckpointError, CubeFormatError, CubeReadError, FileNotFoundError, TrainingStopped]
     try:
-        from megatron_dchag.data.era5 import ERA5DataError
+        from megatron_dchag.data.era5.store import ERA5DataError
 
         errors.append(ERA5DataError)
     except ImportError:
@@ -67,7 +67,7 @@ def run_entry_point(
 
         args = parse_run_arguments(argv, description, world_size=_launched_world_size(),
                                    workload_sections=getattr(task_factory, "config_sections", None))
-        cfg = args.config
+        cfg = resolve_config(args.config)  # the trainer and the task share this resolved config
         from megatron_dchag.distributed import destroy_distributed, initialize_distributed
 
         initialize_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,

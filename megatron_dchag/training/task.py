@@ -34,7 +34,7 @@ class MicroBatchStream:
     """An endless, resumable iterator of micro-batches for one data-parallel rank.
 
     ``state_dict()`` is the state after the last micro-batch returned by ``next`` (what a
-    checkpoint saves); :class:`~megatron_dchag.training.micro_batch_loader.MicroBatchLoader`
+    checkpoint saves); :class:`~megatron_dchag.data.loader.MicroBatchLoader`
     implements it with optional background worker processes (``data.num_workers``).
     """
 

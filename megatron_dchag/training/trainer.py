@@ -28,7 +28,15 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_dchag.config import ExperimentConfig, config_to_dict, dump_config
+from megatron_dchag.compat.megatron import initialize_torch_adam_state, patch_distributed_optimizer_for_torch_adam
+from megatron_dchag.config import (
+    ExperimentConfig,
+    build_dataclass,
+    config_to_dict,
+    dump_config,
+    resolve_config,
+    run_shape,
+)
 from megatron_dchag.training import fault_injection
 from megatron_dchag.training.checkpointing import (
     CheckpointError,
@@ -81,56 +89,11 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def _initialize_optimizer_state(optimizer) -> None:
-    """Give a fresh optimizer its Adam state now (zero moments, ``step`` 0), as torch's Adam
-    would at its first step (the same values, so training is unchanged).
-
-    megatron's ``DistributedOptimizer.state_dict()`` (with torch's Adam, i.e. without apex or
-    Transformer Engine) reads the ``step`` of every parameter's state and fails on a fresh
-    optimizer, which has none; its sharded state dict for loading a checkpoint starts from that
-    state dict. A load overwrites these values.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        init = getattr(opt, "init_state_fn", None)
-        if inner is None or init is None or len(inner.state) > 0:
-            continue
-        init(inner, getattr(opt, "config", None))
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
-
-
-def _tolerate_missing_adam_step(optimizer) -> None:
-    """Let megatron's distributed optimizer load its reshardable checkpoints with torch's Adam.
-
-    Without apex or Transformer Engine, each parameter's Adam state holds a ``step``. megatron-core
-    0.16.1 restores ``step`` from the parameter groups and leaves it out of the per-parameter
-    tensors it loads from ``fully_reshardable`` (and ``fully_sharded_model_space``) checkpoints,
-    then copies every state key into place and fails on the missing ``step``. Here the current
-    ``step`` (already restored) stands in for it: copying it onto itself changes nothing.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, DistributedOptimizer) or getattr(opt, "_dchag_step_shim", False):
-            continue
-        original = opt._set_main_param_and_optimizer_states
-
-        def set_states(model_param, tensors, _opt=opt, _original=original):
-            if "step" not in tensors and not _opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-                group_index, group_order = _opt.model_param_group_index_map[model_param]
-                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
-                state = _opt.optimizer.state[main_param]
-                if "step" in state:
-                    tensors = dict(tensors, step=state["step"])
-            return _original(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = set_states
-        opt._dchag_step_shim = True
-
-
 class Trainer:
+    """Trains ``task`` under ``cfg``, the config object the task shares. The entry point resolves it
+    first (:func:`~megatron_dchag.config.resolve_config`), so the saved ``config.yaml`` records G and
+    the other defaults explicitly."""
+
     def __init__(self, cfg: ExperimentConfig, task: Task, fault_hook=None):
         self.cfg = cfg
         self.task = task
@@ -139,9 +102,10 @@ class Trainer:
         self.rank = dist.get_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.micro_batch_size = tr.micro_batch_size
-        self.global_batch_size = tr.global_batch_size or tr.micro_batch_size * self.dp_size
-        self.num_microbatches = self.global_batch_size // (tr.micro_batch_size * self.dp_size)
+        self.shape = run_shape(cfg, self.dp_size)
+        self.micro_batch_size = self.shape.micro_batch_size
+        self.global_batch_size = self.shape.global_batch_size
+        self.num_microbatches = self.shape.num_microbatches
         self.log_dir = tr.log_dir or tr.save
         self.logger = MetricsLogger(self.log_dir, enabled=self.rank == 0, total_steps=tr.train_iters)
         self.stop = _StopFlag()
@@ -201,8 +165,8 @@ class Trainer:
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.models)
         # Checkpoint loading (resume, tools/convert_checkpoint.py) needs both of these.
-        _tolerate_missing_adam_step(self.optimizer)
-        _initialize_optimizer_state(self.optimizer)
+        patch_distributed_optimizer_for_torch_adam(self.optimizer)
+        initialize_torch_adam_state(self.optimizer)
         # megatron requires warm-up < decay; a run shorter than its warm-up just never leaves it
         decay_steps = max(tr.train_iters, tr.lr_warmup_iters + 1) * self.global_batch_size
         self.scheduler = OptimizerParamScheduler(
@@ -265,19 +229,17 @@ class Trainer:
         return state
 
     def _check_architecture(self, saved: Dict[str, Any], where: str) -> None:
-        """Refuse a checkpoint of another architecture, listing every difference."""
-        ours = config_to_dict(self.cfg)["model"]
-        theirs = (saved or {}).get("model", {})
+        """Refuse a checkpoint of another architecture, listing every difference. Both configs are
+        compared resolved: a checkpoint saved with channel_groups or ffn_hidden_size null means the
+        values that run resolved (G = its saved TP size)."""
+        ours = config_to_dict(resolve_config(self.cfg))["model"]
+        theirs = config_to_dict(resolve_config(build_dataclass(ExperimentConfig, saved or {})))["model"]
         fields = ("num_channels", "channel_groups", "hidden_size", "num_layers", "num_attention_heads",
                   "patch_size", "strategy", "aggregation_layer", "aggregation_tree", "ffn_hidden_size",
                   "lead_time_embedding")
         diffs = []
         for f in fields:
             a, b = theirs.get(f), ours.get(f)
-            if f == "channel_groups" and b is None:
-                b = self.cfg.parallel.tensor_model_parallel_size
-            if f == "channel_groups" and a is None:
-                a = (saved.get("parallel") or {}).get("tensor_model_parallel_size")
             if a != b:
                 diffs.append(f"model.{f}: checkpoint {a!r} vs config {b!r}")
         diffs += self.task.checkpoint_differences(saved or {})

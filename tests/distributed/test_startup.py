@@ -14,7 +14,7 @@ def _layout():
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_dchag.cpu_compat import is_cpu_compat_installed
+    from megatron_dchag.compat.cpu import is_cpu_compat_installed
     from megatron_dchag.distributed import describe_parallel_layout
 
     return {

@@ -18,21 +18,17 @@ import pytest
 import torch
 import xarray as xr
 
-from megatron_dchag.data.era5 import (
-    ChannelReader,
-    ERA5Dataset,
-    ERA5EvalBatchSampler,
-    ERA5TrainBatchSampler,
-    load_era5_stats,
-    open_era5,
-    sample_lead_hours,
-)
-from megatron_dchag.data.era5_variables import (
+from megatron_dchag.data.era5.dataset import ERA5Dataset
+from megatron_dchag.data.era5.leads import sample_lead_hours
+from megatron_dchag.data.era5.naming import (
     DEFAULT_ERA5_CHANNELS,
     DEFAULT_PRESSURE_LEVELS,
     parse_channel,
     regular_latlon_grid,
 )
+from megatron_dchag.data.era5.statistics import load_era5_stats
+from megatron_dchag.data.era5.store import ChannelReader, open_era5
+from megatron_dchag.data.sampler import ERA5EvalBatchSampler, ERA5TrainBatchSampler
 from tests.tolerances import FLOAT32_REL, assert_close_scaled
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,7 +211,7 @@ def test_clear_errors_name_what_the_data_has(reference):
     with pytest.raises(ValueError, match="lead time 240 h"):
         ERA5Dataset(reference, CHANNELS, lead_times_hours=[240])
     with pytest.raises(KeyError, match="statistics for channels"):
-        from megatron_dchag.data.era5 import ERA5Stats
+        from megatron_dchag.data.era5.statistics import ERA5Stats
 
         stats = ERA5Stats(channels=["z_500"], mean=np.zeros(1), std=np.ones(1))
         ERA5Dataset(reference, CHANNELS, lead_times_hours=[6], stats_file=stats)
@@ -264,7 +260,7 @@ def test_eval_sampler_and_split(reference):
 
 def test_normalization_climatology_and_pickle(reference, tmp_path):
     stats = stats_tool.compute_era5_stats(str(reference), CHANNELS, log=lambda *_: None)
-    from megatron_dchag.data.era5 import save_era5_stats
+    from megatron_dchag.data.era5.statistics import save_era5_stats
 
     save_era5_stats(tmp_path / "stats.npz", stats)
     raw = ERA5Dataset(reference, CHANNELS, lead_times_hours=[6])

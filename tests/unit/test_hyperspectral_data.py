@@ -1,4 +1,5 @@
-"""Hyperspectral data layer: readers, channel slicing per TP rank, bytes read, ENVI, stats, sampler.
+"""Hyperspectral data layer: readers, channel slicing per TP rank, bytes read, ENVI, stats, the
+dataset with sampler-driven DataLoader workers (the sampler itself: ``test_sampler.py``).
 
 All data are tiny synthetic cubes written to ``tmp_path``; the whole file runs in a few seconds.
 """
@@ -16,22 +17,22 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_dchag.data.hyperspectral import (
-    ChannelStats,
+from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset, crop_origin
+from megatron_dchag.data.hyperspectral.discovery import list_cube_files, split_files
+from megatron_dchag.data.hyperspectral.formats import (
     CubeFormatError,
     CubeReadError,
     ENVICubeReader,
     HDF5CubeReader,
-    HyperspectralDataset,
-    RunningChannelMoments,
-    crop_origin,
-    list_cube_files,
-    load_channel_stats,
     open_cube,
-    save_channel_stats,
-    split_files,
     write_envi_cube,
     write_hdf5_cube,
+)
+from megatron_dchag.data.hyperspectral.statistics import (
+    ChannelStats,
+    RunningChannelMoments,
+    load_channel_stats,
+    save_channel_stats,
 )
 from megatron_dchag.data.sampler import DistributedResumableSampler
 
@@ -369,64 +370,6 @@ def test_train_val_split_is_by_file_and_deterministic(tmp_path):
     tr = HyperspectralDataset(root, crop_size=(4, 4), split="train", val_fraction=0.2)
     va = HyperspectralDataset(root, crop_size=(4, 4), split="val", val_fraction=0.2)
     assert len(tr) == 4 and len(va) == 1 and set(tr.files).isdisjoint(va.files)
-
-
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_sampler_shards_are_disjoint_and_cover_the_epoch(drop_last):
-    n, dp = 10, 3
-    shards = [list(DistributedResumableSampler(n, dp, r, seed=1, drop_last=drop_last, infinite=False)) for r in range(dp)]
-    lengths = {len(s) for s in shards}
-    if drop_last:
-        assert lengths == {3}
-        flat = sum(shards, [])
-        assert len(set(flat)) == 9  # disjoint, one remainder sample dropped
-    else:
-        assert lengths == {4}
-        assert set(sum(shards, [])) == set(range(n))  # covers everything; 2 padded repeats
-    assert sorted(DistributedResumableSampler(n, 1, 0, seed=1, infinite=False)) == list(range(n))
-
-
-def test_sampler_order_is_seeded_per_epoch_and_resumes_exactly():
-    def take(sampler, k):
-        it = iter(sampler)
-        return [next(it) for _ in range(k)]
-
-    fresh = DistributedResumableSampler(10, 2, 1, seed=5)
-    reference = take(fresh, 23)  # 5 per epoch: crosses four epoch boundaries
-    assert fresh.global_order(0).tolist() != fresh.global_order(1).tolist()  # reshuffled every epoch
-    assert take(DistributedResumableSampler(10, 2, 1, seed=5), 23) == reference
-    assert take(DistributedResumableSampler(10, 2, 1, seed=6), 23) != reference
-
-    first = DistributedResumableSampler(10, 2, 1, seed=5)
-    head = take(first, 7)
-    state = first.state_dict()
-    assert (state["epoch"], state["position"]) == (1, 2)
-    resumed = DistributedResumableSampler(10, 2, 1, seed=5)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    assert head + take(resumed, 16) == reference
-    # The trainer-side alternative (exact even when DataLoader workers prefetch indices).
-    via_consumed = DistributedResumableSampler(10, 2, 1, seed=5)
-    via_consumed.load_state_dict(via_consumed.state_dict_for_consumed(7))
-    assert take(via_consumed, 16) == reference[7:]
-    with pytest.raises(ValueError, match="seed=5"):
-        DistributedResumableSampler(10, 2, 1, seed=6).load_state_dict(state)
-
-
-def test_sampler_resumes_on_another_data_parallel_size():
-    n = 16
-    before = [DistributedResumableSampler(n, 2, r, seed=0) for r in range(2)]
-    its = [iter(s) for s in before]
-    for it in its:
-        for _ in range(2):
-            next(it)
-    state = before[0].state_dict()  # 4 samples of epoch 0 consumed globally
-    after = []
-    for r in range(4):
-        s = DistributedResumableSampler(n, 4, r, seed=0, infinite=False)
-        s.load_state_dict(state)
-        after.append(list(s))
-    global_order = DistributedResumableSampler(n, 1, 0, seed=0).global_order(0)
-    assert sorted(sum(after, [])) == sorted(global_order[4:].tolist())
 
 
 def test_sampler_with_dataloader_workers_and_epoch_tagged_indices(tmp_path):

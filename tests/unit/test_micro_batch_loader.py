@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from megatron_dchag.config import ConfigError, load_config
-from megatron_dchag.data.hyperspectral import CubeReadError, write_hdf5_cube
+from megatron_dchag.data.hyperspectral.formats import CubeReadError, write_hdf5_cube
 from megatron_dchag.training.arguments import parse_run_arguments
-from megatron_dchag.training.micro_batch_loader import MicroBatchLoader, MicroBatchPlan, WorkerTraceback
+from megatron_dchag.data.loader import MicroBatchLoader, MicroBatchPlan, WorkerTraceback
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -252,7 +252,8 @@ def test_era5_train_stream_workers_same_batches_and_exact_resume(era5):
 
 
 def test_era5_eval_stream_and_uncached_reads_in_workers(era5):
-    from megatron_dchag.data.era5 import ERA5Dataset, ERA5TrainBatchSampler
+    from megatron_dchag.data.era5.dataset import ERA5Dataset
+    from megatron_dchag.data.sampler import ERA5TrainBatchSampler
     from megatron_dchag.tasks.forecasting import ForecastTrainStream
 
     inline_task, worker_task = _era5_task(era5, 0), _era5_task(era5, 2)

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from megatron_dchag.data.era5 import open_era5
-from megatron_dchag.data.era5_variables import regular_latlon_grid
+from megatron_dchag.data.era5.naming import regular_latlon_grid
+from megatron_dchag.data.era5.store import open_era5
 
 REPO = Path(__file__).resolve().parents[2]
 # Bilinear interpolation of smooth analytic fields of O(1..300) against the analytic values at the

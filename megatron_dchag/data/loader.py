@@ -27,7 +27,7 @@ handling. Worker seeds come from a private generator, so starting workers leaves
 RNG untouched (the training numerics do not depend on ``num_workers``).
 
 A data error in a worker reaches the trainer as the original exception (same type and message,
-e.g. :class:`~megatron_dchag.data.hyperspectral.CubeReadError` naming the file), with the
+e.g. :class:`~megatron_dchag.data.hyperspectral.formats.CubeReadError` naming the file), with the
 worker's traceback attached as its cause, instead of torch's "Caught ... in DataLoader worker
 process 0" wrapper.
 """

@@ -1,7 +1,4 @@
-"""Hyperspectral cube data: the on-disk contract, readers, channel statistics and the dataset.
-
-This module owns everything between a directory of hyperspectral cubes and a normalized
-``[c_local, h, w]`` float32 tensor for one tensor-parallel rank:
+"""Hyperspectral cube files: the on-disk contract, its readers and writers, and the error types.
 
 * **The on-disk contract.** One cube per file.
 
@@ -18,41 +15,28 @@ This module owns everything between a directory of hyperspectral cubes and a nor
 
   :func:`write_hdf5_cube` and :func:`write_envi_cube` write that contract (atomically).
 
-* **Readers** (:class:`CubeReader`, :class:`HDF5CubeReader`, :class:`ENVICubeReader`). A reader
-  reads *only* the requested channel slice and spatial window (an h5py hyperslab, or a slice of a
-  ``np.memmap``); it never loads the whole cube. Each reader counts the bytes it touched
-  (``bytes_read``) so tests can show that a TP rank of ``T`` reads ``1/T`` of the data. Any I/O
-  failure raises :class:`CubeReadError` naming the file; a file that breaks the contract raises
-  :class:`CubeFormatError` naming the file and the field.
+* **Readers** (:class:`CubeReader`, :class:`HDF5CubeReader`, :class:`ENVICubeReader`, opened by
+  :func:`open_cube`). A reader reads *only* the requested channel slice and spatial window (an
+  h5py hyperslab, or a slice of a ``np.memmap``); it never loads the whole cube. Each reader
+  counts the bytes it touched (``bytes_read``) so tests can show that a TP rank of ``T`` reads
+  ``1/T`` of the data. Any I/O failure raises :class:`CubeReadError` naming the file; a file that
+  breaks the contract raises :class:`CubeFormatError` naming the file and the field.
 
-* **Channel statistics** (:class:`ChannelStats`, :class:`RunningChannelMoments`). Per-channel
-  mean / std (population, ``ddof=0``) / count, plus wavelengths when known, stored as ``.npz`` or
-  ``.json`` (see :func:`save_channel_stats` for the exact keys). ``tools/compute_stats.py``
-  computes them by streaming.
-
-* **The dataset** (:class:`HyperspectralDataset`). A list of cube files validated up front (same
-  channel count everywhere, crop fits, stats match), a deterministic train/val split by file, a
-  deterministic random crop that is a pure function of ``(seed, epoch, index)`` and a contiguous
-  channel range: the rank's slice, the only channels it ever reads.
-
-Nothing here knows about the model or the trainer; the channel range a rank should read comes
-from the model's channel-group plan (``ChannelGroupPlan.rank_channel_range``).
+This is the format layer only: which files form a collection lives in
+:mod:`~megatron_dchag.data.hyperspectral.discovery`, the samples in
+:mod:`~megatron_dchag.data.hyperspectral.dataset`.
 """
 
 from __future__ import annotations
 
 import abc
-import hashlib
 import io
-import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,10 +45,6 @@ ENVI_HEADER_EXTENSION = ".hdr"
 ENVI_DATA_EXTENSIONS = ("", ".img", ".dat", ".raw", ".bsq", ".bil", ".bip", ".bin")
 LAYOUTS = ("CHW", "HWC")
 FILE_FORMATS = ("auto", "hdf5", "envi")
-SPLITS = ("train", "val", "all")
-CROP_MODES = ("auto", "random", "fixed", "center")
-STATS_FORMAT_NAME = "megatron_dchag.channel_stats"
-STATS_FORMAT_VERSION = 1
 
 # ENVI ``data type`` codes -> numpy dtypes (complex types 6 and 9 are not supported).
 ENVI_DTYPES: Dict[int, np.dtype] = {
@@ -621,13 +601,13 @@ def open_cube(
 # ------------------------------------------------------------------------------------------------
 
 
-def _atomic_target(path: Path) -> Tuple[int, str]:
+def temp_file_beside(path: Path) -> Tuple[int, str]:
     """A temporary file next to ``path`` (same file system, so ``os.replace`` is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-def _publish(tmp: str, path: Path) -> None:
+def publish_temp_file(tmp: str, path: Path) -> None:
     """Give ``tmp`` the permissions of a normally created file (mkstemp makes it 0600), then rename."""
     umask = os.umask(0)
     os.umask(umask)
@@ -672,7 +652,7 @@ def write_hdf5_cube(
         chunk_shape = tuple(int(v) for v in chunks)  # type: ignore[assignment]
     if compression is not None and chunk_shape is None:
         raise ValueError("compression needs chunked storage (chunks='channel' or a chunk shape)")
-    fd, tmp = _atomic_target(path)
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         with h5py.File(tmp, "w") as f:
@@ -686,7 +666,7 @@ def write_hdf5_cube(
                 ds.attrs["wavelength_units"] = "nm"
             for key, value in (attrs or {}).items():
                 f.attrs[key] = value
-        _publish(tmp, path)
+        publish_temp_file(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -754,15 +734,15 @@ def write_envi_cube(
     tmp_data: Optional[str] = None
     tmp_header: Optional[str] = None
     try:
-        fd, tmp_data = _atomic_target(data_path)
+        fd, tmp_data = temp_file_beside(data_path)
         with os.fdopen(fd, "wb") as f:
             f.write(b"\0" * header_offset)
             data.tofile(f)
-        _publish(tmp_data, data_path)
-        fd, tmp_header = _atomic_target(header_path)
+        publish_temp_file(tmp_data, data_path)
+        fd, tmp_header = temp_file_beside(header_path)
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
-        _publish(tmp_header, header_path)
+        publish_temp_file(tmp_header, header_path)
     except BaseException:
         for tmp in (tmp_data, tmp_header):
             if tmp is not None and os.path.exists(tmp):
@@ -770,511 +750,3 @@ def write_envi_cube(
         raise
     return header_path, data_path
 
-
-# ------------------------------------------------------------------------------------------------
-# Channel statistics
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChannelStats:
-    """Per-channel statistics of a cube collection.
-
-    ``mean`` and ``std`` (population, ``ddof=0``) are float64 ``[C]``; ``count`` is int64 ``[C]``
-    (finite values seen per channel); ``wavelengths`` is float64 ``[C]`` in nm or None.
-    """
-
-    mean: np.ndarray
-    std: np.ndarray
-    count: np.ndarray
-    wavelengths: Optional[np.ndarray] = None
-
-    @property
-    def num_channels(self) -> int:
-        return int(self.mean.shape[0])
-
-    def channel_slice(self, start: int, stop: int) -> "ChannelStats":
-        """Statistics of channels ``[start, stop)``."""
-        if not 0 <= start < stop <= self.num_channels:
-            raise ValueError(f"channel range [{start}, {stop}) is outside [0, {self.num_channels})")
-        wl = None if self.wavelengths is None else self.wavelengths[start:stop]
-        return ChannelStats(self.mean[start:stop], self.std[start:stop], self.count[start:stop], wl)
-
-    def normalization(self, start: int = 0, stop: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """``(mean, 1/std)`` as float32 ``[c, 1, 1]`` for channels ``[start, stop)``.
-
-        A channel with zero variance gets ``1/std = 1`` (it normalizes to 0 instead of NaN).
-        """
-        s = self.channel_slice(start, self.num_channels if stop is None else stop)
-        inv_std = np.where(s.std > 0, 1.0 / np.where(s.std > 0, s.std, 1.0), 1.0)
-        return s.mean.astype(np.float32)[:, None, None], inv_std.astype(np.float32)[:, None, None]
-
-
-class RunningChannelMoments:
-    """Streaming per-channel count / mean / M2 in float64, merged with Chan et al.'s parallel formula.
-
-    ``update(block, channel_start)`` takes any block ``[c, ...]`` of values of channels
-    ``[channel_start, channel_start + c)``; blocks may come in any order and any size. Non-finite
-    values are skipped (and not counted).
-    """
-
-    def __init__(self, num_channels: int):
-        self.num_channels = num_channels
-        self.count = np.zeros(num_channels, dtype=np.int64)
-        self.mean = np.zeros(num_channels, dtype=np.float64)
-        self.m2 = np.zeros(num_channels, dtype=np.float64)
-
-    def update(self, block: np.ndarray, channel_start: int = 0) -> None:
-        c = block.shape[0]
-        if channel_start < 0 or channel_start + c > self.num_channels:
-            raise ValueError(
-                f"block channels [{channel_start}, {channel_start + c}) outside [0, {self.num_channels})"
-            )
-        x = np.asarray(block, dtype=np.float64).reshape(c, -1)
-        finite = np.isfinite(x)
-        if finite.all():
-            n_b = np.full(c, x.shape[1], dtype=np.int64)
-            mean_b = x.mean(axis=1)
-            m2_b = np.square(x - mean_b[:, None]).sum(axis=1)
-        else:
-            n_b = finite.sum(axis=1).astype(np.int64)
-            x = np.where(finite, x, 0.0)
-            mean_b = x.sum(axis=1) / np.maximum(n_b, 1)
-            m2_b = np.where(finite, np.square(x - mean_b[:, None]), 0.0).sum(axis=1)
-        self._merge(slice(channel_start, channel_start + c), n_b, mean_b, m2_b)
-
-    def merge(self, other: "RunningChannelMoments") -> None:
-        if other.num_channels != self.num_channels:
-            raise ValueError(f"cannot merge moments of {other.num_channels} channels into {self.num_channels}")
-        self._merge(slice(0, self.num_channels), other.count, other.mean, other.m2)
-
-    def _merge(self, sl: slice, n_b: np.ndarray, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
-        n_a, mean_a, m2_a = self.count[sl], self.mean[sl], self.m2[sl]
-        n = n_a + n_b
-        safe_n = np.maximum(n, 1).astype(np.float64)
-        delta = mean_b - mean_a
-        self.mean[sl] = mean_a + delta * (n_b / safe_n)
-        self.m2[sl] = m2_a + m2_b + delta * delta * (n_a.astype(np.float64) * n_b / safe_n)
-        self.count[sl] = n
-
-    def finalize(self, wavelengths: Optional[np.ndarray] = None) -> ChannelStats:
-        empty = np.flatnonzero(self.count == 0)
-        if empty.size:
-            raise ValueError(f"channels {empty[:10].tolist()} have no finite values; cannot compute statistics")
-        std = np.sqrt(np.maximum(self.m2, 0.0) / self.count)
-        wl = None if wavelengths is None else np.asarray(wavelengths, dtype=np.float64)
-        return ChannelStats(self.mean.copy(), std, self.count.copy(), wl)
-
-
-def save_channel_stats(stats: ChannelStats, path: PathLike) -> Path:
-    """Write ``stats`` atomically (temp file in the same directory, then ``os.replace``).
-
-    Format by extension:
-
-    * ``.json``: ``{"format": "megatron_dchag.channel_stats", "version": 1, "num_channels": C,
-      "mean": [C floats], "std": [C floats], "count": [C ints], "wavelengths": [C floats] | null,
-      "std_ddof": 0, "wavelength_units": "nm"}``
-    * ``.npz``: the same keys as arrays (``format``/``version``/``num_channels``/``std_ddof`` 0-d;
-      ``wavelengths`` absent when unknown).
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".npz"):
-        raise ValueError(f"{path}: statistics file must end in .json or .npz")
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if suffix == ".json":
-                payload = {
-                    "format": STATS_FORMAT_NAME,
-                    "version": STATS_FORMAT_VERSION,
-                    "num_channels": stats.num_channels,
-                    "mean": [float(v) for v in stats.mean],
-                    "std": [float(v) for v in stats.std],
-                    "count": [int(v) for v in stats.count],
-                    "wavelengths": None if stats.wavelengths is None else [float(v) for v in stats.wavelengths],
-                    "std_ddof": 0,
-                    "wavelength_units": "nm",
-                }
-                f.write(json.dumps(payload, indent=1).encode("utf-8"))
-            else:
-                arrays: Dict[str, np.ndarray] = {
-                    "format": np.array(STATS_FORMAT_NAME),
-                    "version": np.array(STATS_FORMAT_VERSION),
-                    "num_channels": np.array(stats.num_channels),
-                    "mean": np.asarray(stats.mean, dtype=np.float64),
-                    "std": np.asarray(stats.std, dtype=np.float64),
-                    "count": np.asarray(stats.count, dtype=np.int64),
-                    "std_ddof": np.array(0),
-                }
-                if stats.wavelengths is not None:
-                    arrays["wavelengths"] = np.asarray(stats.wavelengths, dtype=np.float64)
-                np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def load_channel_stats(path: PathLike, num_channels_expected: Optional[int] = None) -> ChannelStats:
-    """Read and validate a statistics file written by :func:`save_channel_stats`."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".json":
-            raw: Dict[str, Any] = json.loads(path.read_text())
-        elif path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                raw = {k: npz[k] for k in npz.files}
-        else:
-            raise CubeFormatError(f"{path}: statistics file must end in .json or .npz")
-    except (OSError, ValueError) as err:
-        if isinstance(err, CubeFormatError):
-            raise
-        raise CubeReadError(f"{path}: cannot read statistics file: {err}") from err
-    for key in ("mean", "std", "count", "num_channels"):
-        if key not in raw:
-            raise CubeFormatError(f"{path}: statistics file has no {key!r} field")
-    num_channels = int(np.asarray(raw["num_channels"]))
-    arrays = {}
-    for key, dtype in (("mean", np.float64), ("std", np.float64), ("count", np.int64)):
-        values = np.asarray(raw[key], dtype=dtype).reshape(-1)
-        if values.size != num_channels:
-            raise CubeFormatError(
-                f"{path}: field {key!r} has {values.size} values but num_channels = {num_channels}"
-            )
-        arrays[key] = values
-    if not (np.isfinite(arrays["mean"]).all() and np.isfinite(arrays["std"]).all() and (arrays["std"] >= 0).all()):
-        raise CubeFormatError(f"{path}: 'mean' and 'std' must be finite and 'std' non-negative")
-    wavelengths = raw.get("wavelengths")
-    if wavelengths is not None:
-        wavelengths = np.asarray(wavelengths, dtype=np.float64).reshape(-1)
-        if wavelengths.size != num_channels:
-            raise CubeFormatError(
-                f"{path}: field 'wavelengths' has {wavelengths.size} values but num_channels = {num_channels}"
-            )
-    if num_channels_expected is not None and num_channels != num_channels_expected:
-        raise CubeFormatError(
-            f"{path}: statistics are for {num_channels} channels but the data has {num_channels_expected} channels"
-        )
-    return ChannelStats(arrays["mean"], arrays["std"], arrays["count"], wavelengths)
-
-
-# ------------------------------------------------------------------------------------------------
-# File discovery, validation and split
-# ------------------------------------------------------------------------------------------------
-
-
-def list_cube_files(path_or_files: Union[PathLike, Sequence[PathLike]], file_format: str = "auto") -> List[Path]:
-    """Cube files from a directory (non-recursive, sorted), a single file, or a list of files.
-
-    In a directory, HDF5 files are ``*.h5`` / ``*.hdf5`` and ENVI cubes are found by their ``*.hdr``.
-    With ``file_format="auto"`` a directory holding both kinds is ambiguous and an error.
-    """
-    if file_format not in FILE_FORMATS:
-        raise ValueError(f"file_format={file_format!r} must be one of {FILE_FORMATS}")
-    if isinstance(path_or_files, (str, os.PathLike)):
-        root = Path(path_or_files)
-        if root.is_file():
-            return [root]
-        if not root.is_dir():
-            raise CubeReadError(f"{root}: data path does not exist")
-        entries = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-        hdf5 = [p for p in entries if p.suffix.lower() in HDF5_EXTENSIONS]
-        envi = [p for p in entries if p.suffix.lower() == ENVI_HEADER_EXTENSION]
-        if file_format == "auto":
-            if hdf5 and envi:
-                raise CubeFormatError(
-                    f"{root}: holds both HDF5 ({len(hdf5)}) and ENVI ({len(envi)}) cubes; set "
-                    "data.file_format to 'hdf5' or 'envi'"
-                )
-            files = hdf5 or envi
-        else:
-            files = hdf5 if file_format == "hdf5" else envi
-        if not files:
-            raise CubeFormatError(
-                f"{root}: no cube files found (HDF5 {HDF5_EXTENSIONS} or ENVI {ENVI_HEADER_EXTENSION}, "
-                f"file_format={file_format!r})"
-            )
-        return files
-    files = [Path(p) for p in path_or_files]
-    if not files:
-        raise ValueError("empty list of cube files")
-    return files
-
-
-def split_files(files: Sequence[Path], split: str, val_fraction: float, split_seed: int = 0) -> List[Path]:
-    """Deterministic train/val split by file.
-
-    The ``round(n * val_fraction)`` files (at least one when ``val_fraction > 0`` and there are at
-    least two files) with the smallest ``sha1(split_seed, file name)`` form the validation set. The
-    result depends on the file names only: not on listing order, the training seed or the rank.
-    Returned in the input order.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} must be one of {SPLITS}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    if split == "all":
-        return list(files)
-    n = len(files)
-    n_val = int(round(n * val_fraction))
-    if val_fraction > 0 and n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
-    else:
-        n_val = min(n_val, max(n - 1, 0))
-    keys = [hashlib.sha1(f"{split_seed}:{Path(f).name}".encode()).hexdigest() for f in files]
-    val_ids = set(sorted(range(n), key=lambda i: (keys[i], str(files[i])))[:n_val])
-    chosen = [f for i, f in enumerate(files) if (i in val_ids) == (split == "val")]
-    if not chosen:
-        raise ValueError(
-            f"split={split!r} is empty: {n} files with val_fraction={val_fraction} gives {n_val} validation files"
-        )
-    return chosen
-
-
-@dataclass
-class CubeCollection:
-    """Validated metadata of a list of cube files (one reader per file, handles closed)."""
-
-    files: List[Path]
-    readers: List[CubeReader]
-    num_channels: int
-    spatial_shapes: List[Tuple[int, int]]
-    wavelengths: Optional[np.ndarray] = field(default=None)
-
-
-def scan_cubes(
-    files: Sequence[PathLike],
-    file_format: str = "auto",
-    dataset_name: str = "cube",
-    layout: str = "CHW",
-    num_channels_expected: Optional[int] = None,
-    min_spatial_shape: Optional[Tuple[int, int]] = None,
-) -> CubeCollection:
-    """Open every file's metadata and check the contract before any training step.
-
-    Every cube must have the same channel count (equal to ``num_channels_expected`` when given),
-    be at least ``min_spatial_shape`` (the crop), and carry the same wavelengths when it carries
-    any. Errors name the offending file and both numbers.
-    """
-    readers: List[CubeReader] = []
-    wavelengths: Optional[np.ndarray] = None
-    wavelength_source: Optional[Path] = None
-    for f in files:
-        reader = open_cube(f, file_format=file_format, dataset_name=dataset_name, layout=layout)
-        c, h, w = reader.shape
-        if num_channels_expected is not None and c != num_channels_expected:
-            raise CubeFormatError(
-                f"{reader.path}: cube has {c} channels but {num_channels_expected} channels are expected "
-                "(model.num_channels / num_channels_expected)"
-            )
-        if readers and c != readers[0].num_channels:
-            raise CubeFormatError(
-                f"{reader.path}: cube has {c} channels but {readers[0].path} has "
-                f"{readers[0].num_channels} channels (every cube must have the same channel count)"
-            )
-        if min_spatial_shape is not None and (h < min_spatial_shape[0] or w < min_spatial_shape[1]):
-            raise CubeFormatError(
-                f"{reader.path}: cube is {h} x {w} (H x W) but the crop is "
-                f"{min_spatial_shape[0]} x {min_spatial_shape[1]}; the crop must fit in every cube"
-            )
-        wl = reader.wavelengths
-        if wl is not None:
-            if wavelengths is None:
-                wavelengths, wavelength_source = wl, reader.path
-            elif not np.allclose(wl, wavelengths, rtol=0, atol=1e-3):
-                worst = int(np.argmax(np.abs(wl - wavelengths)))
-                raise CubeFormatError(
-                    f"{reader.path}: wavelength of channel {worst} is {wl[worst]:.4f} nm but "
-                    f"{wavelength_source} has {wavelengths[worst]:.4f} nm (all cubes must share one band set)"
-                )
-        readers.append(reader)
-    if not readers:
-        raise ValueError("no cube files to scan")
-    return CubeCollection(
-        files=[r.path for r in readers],
-        readers=readers,
-        num_channels=readers[0].num_channels,
-        spatial_shapes=[(r.height, r.width) for r in readers],
-        wavelengths=wavelengths,
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# Dataset
-# ------------------------------------------------------------------------------------------------
-
-
-def crop_origin(
-    seed: int, epoch: int, index: int, cube_hw: Tuple[int, int], crop_hw: Tuple[int, int]
-) -> Tuple[int, int]:
-    """Top-left corner of the random crop: a pure function of ``(seed, epoch, index)`` and the shapes."""
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), 0x43524F50])
-    y0 = int(rng.integers(0, cube_hw[0] - crop_hw[0] + 1))
-    x0 = int(rng.integers(0, cube_hw[1] - crop_hw[1] + 1))
-    return y0, x0
-
-
-class HyperspectralDataset(torch.utils.data.Dataset):
-    """Crops of hyperspectral cubes, restricted to one contiguous channel range (a TP rank's slice).
-
-    Item ``idx`` (``0 <= idx < num_files * samples_per_file``) is a crop of file
-    ``idx // samples_per_file``. The crop corner is :func:`crop_origin` of ``(seed, epoch, idx)``:
-    resuming at the same epoch reproduces it, and all TP ranks (different ``channel_range``) cut the
-    same window. ``crop``: ``"random"`` (depends on the epoch), ``"fixed"`` (random per item, same
-    every epoch), ``"center"``; ``"auto"`` is ``fixed`` for the val split (the same validation
-    crops at every evaluation) and ``random`` otherwise.
-
-    ``dataset[idx]`` uses the epoch set by :meth:`set_epoch`; ``dataset[(epoch, idx)]`` uses the
-    given epoch (what :class:`~megatron_dchag.data.sampler.DistributedResumableSampler` yields with
-    ``yield_epoch=True``, so DataLoader worker processes need no ``set_epoch``).
-
-    Returns ``{"image": float32 [c_local, h, w], "wavelengths": float32 [c_local] (empty ``[0]``
-    when the data has none), "index": idx, "epoch": epoch}``. The image is normalized per channel
-    with ``stats_file`` (``(x - mean) / std`` of the rank's channels) when given, raw values cast to
-    float32 otherwise.
-    """
-
-    def __init__(
-        self,
-        path_or_dir: Union[PathLike, Sequence[PathLike]],
-        crop_size: Tuple[int, int],
-        channel_range: Optional[Tuple[int, int]] = None,
-        num_channels_expected: Optional[int] = None,
-        stats_file: Optional[PathLike] = None,
-        dataset_name: str = "cube",
-        layout: str = "CHW",
-        file_format: str = "auto",
-        split: str = "train",
-        val_fraction: float = 0.1,
-        seed: int = 1234,
-        split_seed: int = 0,
-        crop: str = "auto",
-        samples_per_file: int = 1,
-    ):
-        super().__init__()
-        crop_h, crop_w = (int(v) for v in crop_size)
-        if crop_h < 1 or crop_w < 1:
-            raise ValueError(f"crop_size={tuple(crop_size)} must be positive")
-        if crop not in CROP_MODES:
-            raise ValueError(f"crop={crop!r} must be one of {CROP_MODES}")
-        if samples_per_file < 1:
-            raise ValueError(f"samples_per_file={samples_per_file} must be >= 1")
-        all_files = list_cube_files(path_or_dir, file_format)
-        # Validate every file (both splits), so train and val agree on the contract.
-        collection = scan_cubes(
-            all_files,
-            file_format=file_format,
-            dataset_name=dataset_name,
-            layout=layout,
-            num_channels_expected=num_channels_expected,
-            min_spatial_shape=(crop_h, crop_w),
-        )
-        chosen = set(split_files(collection.files, split, val_fraction, split_seed))
-        self.readers: List[CubeReader] = [r for r in collection.readers if r.path in chosen]
-        self.files: List[Path] = [r.path for r in self.readers]
-        self.num_channels = collection.num_channels
-        start, stop = (0, self.num_channels) if channel_range is None else (int(channel_range[0]), int(channel_range[1]))
-        if not 0 <= start < stop <= self.num_channels:
-            raise ValueError(
-                f"channel_range=({start}, {stop}) must satisfy 0 <= start < stop <= {self.num_channels} "
-                f"(the cubes have {self.num_channels} channels)"
-            )
-        self.channel_range = (start, stop)
-        self.crop_size = (crop_h, crop_w)
-        self.split = split
-        self.seed = int(seed)
-        self.crop_mode = ("fixed" if split == "val" else "random") if crop == "auto" else crop
-        self.samples_per_file = samples_per_file
-        self.epoch = 0
-
-        self.all_wavelengths: Optional[np.ndarray] = collection.wavelengths
-        self.stats: Optional[ChannelStats] = None
-        self._mean: Optional[np.ndarray] = None
-        self._inv_std: Optional[np.ndarray] = None
-        if stats_file is not None:
-            stats = load_channel_stats(stats_file, num_channels_expected=self.num_channels)
-            if stats.wavelengths is not None and self.all_wavelengths is not None:
-                if not np.allclose(stats.wavelengths, self.all_wavelengths, rtol=0, atol=1e-3):
-                    raise CubeFormatError(
-                        f"{stats_file}: the statistics' wavelengths differ from the cubes' wavelengths "
-                        f"(e.g. {collection.files[0]}); they were computed for another band set"
-                    )
-            if self.all_wavelengths is None:
-                self.all_wavelengths = stats.wavelengths
-            self.stats = stats
-            self._mean, self._inv_std = stats.normalization(start, stop)
-        wl = self.all_wavelengths
-        self._local_wavelengths = torch.from_numpy(
-            np.asarray(wl[start:stop], dtype=np.float32) if wl is not None else np.zeros(0, dtype=np.float32)
-        )
-
-    # -- sizes -------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.readers) * self.samples_per_file
-
-    @property
-    def num_local_channels(self) -> int:
-        return self.channel_range[1] - self.channel_range[0]
-
-    @property
-    def wavelengths(self) -> Optional[np.ndarray]:
-        """Wavelengths (nm) of this dataset's channel range, or None."""
-        wl = self.all_wavelengths
-        return None if wl is None else wl[self.channel_range[0] : self.channel_range[1]].copy()
-
-    @property
-    def bytes_read(self) -> int:
-        """Bytes touched by all reads of this dataset's readers (see :class:`CubeReader`)."""
-        return sum(r.bytes_read for r in self.readers)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    # -- items -------------------------------------------------------------------------------
-    def crop_window(self, index: int, epoch: Optional[int] = None) -> Tuple[int, int, int, int]:
-        """``(y0, y1, x0, x1)`` of item ``index`` at ``epoch`` (default: the current epoch)."""
-        reader = self.readers[index // self.samples_per_file]
-        hw = (reader.height, reader.width)
-        ch, cw = self.crop_size
-        if self.crop_mode == "center":
-            y0, x0 = (hw[0] - ch) // 2, (hw[1] - cw) // 2
-        else:
-            e = (self.epoch if epoch is None else epoch) if self.crop_mode == "random" else 0
-            y0, x0 = crop_origin(self.seed, e, index, hw, self.crop_size)
-        return y0, y0 + ch, x0, x0 + cw
-
-    def __getitem__(self, item: Union[int, Tuple[int, int]]) -> Dict[str, Any]:
-        if isinstance(item, (tuple, list)):
-            epoch, index = int(item[0]), int(item[1])
-        else:
-            epoch, index = self.epoch, int(item)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
-        y0, y1, x0, x1 = self.crop_window(index, epoch)
-        reader = self.readers[index // self.samples_per_file]
-        block = reader.read(self.channel_range[0], self.channel_range[1], y0, y1, x0, x1)
-        if self._mean is not None:
-            block -= self._mean
-            block *= self._inv_std
-        return {
-            "image": torch.from_numpy(block),
-            "wavelengths": self._local_wavelengths.clone(),
-            "index": index,
-            "epoch": epoch,
-        }
-
-    def close(self) -> None:
-        for reader in self.readers:
-            reader.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"HyperspectralDataset(split={self.split!r}, files={len(self.readers)}, samples={len(self)}, "
-            f"channels={self.channel_range[0]}:{self.channel_range[1]} of {self.num_channels}, "
-            f"crop={self.crop_size[0]}x{self.crop_size[1]} ({self.crop_mode}))"
-        )
