@@ -6,18 +6,14 @@
     srun -n 16 python pretrain_era5.py --config configs/era5/paper.yaml ...
     python pretrain_era5.py --config ... --skip-train --load RUN_DIR --log-dir EVAL_DIR   # evaluate a checkpoint
 
-See README.md (section "Weather forecasting (ERA5)") for the data preparation, flags and outputs.
+A thin wrapper: the entry point is :mod:`megatron_dchag.cli.pretrain_era5` (also installed as the
+console script ``dchag-pretrain-era5``). See README.md (section "Weather forecasting (ERA5)") for the
+data preparation, flags and outputs.
 """
 
 import sys
 
-from megatron_dchag.tasks.forecasting import ERA5ForecastTask
-from megatron_dchag.training.entry_point import run_entry_point
+from megatron_dchag.cli.pretrain_era5 import main
 
-
-def main(argv=None) -> int:
-    return run_entry_point(argv, ERA5ForecastTask, "D-CHAG weather forecasting on ERA5")
-
-
-if __name__ == "__main__":  # guard required: checkpoint saving spawns helper processes
+if __name__ == "__main__":  # guard required: checkpoint saving spawns helper processes that re-import __main__
     sys.exit(main())

@@ -5,18 +5,14 @@
     torchrun --nproc-per-node 2 pretrain_hyperspectral.py --config ... --tensor-model-parallel-size 2
     srun -n 16 python pretrain_hyperspectral.py --config configs/hyperspectral/paper.yaml ...
 
-See README.md for the flags, overrides and outputs.
+A thin wrapper: the entry point is :mod:`megatron_dchag.cli.pretrain_hyperspectral` (also installed
+as the console script ``dchag-pretrain-hyperspectral``). See README.md for the flags, overrides and
+outputs.
 """
 
 import sys
 
-from megatron_dchag.tasks.mae_pretraining import HyperspectralMAETask
-from megatron_dchag.training.entry_point import run_entry_point
+from megatron_dchag.cli.pretrain_hyperspectral import main
 
-
-def main(argv=None) -> int:
-    return run_entry_point(argv, HyperspectralMAETask, "D-CHAG masked-autoencoder pretraining on hyperspectral cubes")
-
-
-if __name__ == "__main__":  # guard required: checkpoint saving spawns helper processes
+if __name__ == "__main__":  # guard required: checkpoint saving spawns helper processes that re-import __main__
     sys.exit(main())

@@ -22,6 +22,24 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.15",
 ]
 
+# One console script per command; each runs ``main`` of its module in megatron_dchag/cli/ (the
+# tools/*.py and root pretrain_*.py scripts are thin wrappers around the same functions).
+CONSOLE_SCRIPTS = [
+    "dchag-pretrain-hyperspectral = megatron_dchag.cli.pretrain_hyperspectral:main",
+    "dchag-pretrain-era5 = megatron_dchag.cli.pretrain_era5:main",
+    "dchag-make-synthetic-hyperspectral = megatron_dchag.cli.make_synthetic_hyperspectral:main",
+    "dchag-make-synthetic-era5 = megatron_dchag.cli.make_synthetic_era5:main",
+    "dchag-compute-stats = megatron_dchag.cli.compute_stats:main",
+    "dchag-compute-era5-stats = megatron_dchag.cli.compute_era5_stats:main",
+    "dchag-regrid-era5 = megatron_dchag.cli.regrid_era5:main",
+    "dchag-estimate-memory = megatron_dchag.cli.estimate_memory:main",
+    "dchag-compare-loss-curves = megatron_dchag.cli.compare_loss_curves:main",
+    "dchag-demo = megatron_dchag.cli.demo:main",
+    # To come when tools/convert_checkpoint.py, tools/benchmark.py and tools/plot_*.py move into
+    # megatron_dchag/cli/: dchag-convert-checkpoint, dchag-benchmark, dchag-plot-reconstruction,
+    # dchag-plot-forecast.
+]
+
 setup(
     name="megatron_dchag",
     version="0.1.0",
@@ -29,6 +47,7 @@ setup(
     packages=find_packages(include=["megatron_dchag", "megatron_dchag.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     extras_require={
         "test": ["pytest>=7.4"],
         # Optional accelerators: only imported when present; they do not install on CPU.

@@ -29,7 +29,8 @@ children: nothing is inherited from the pytest process. Set ``DCHAG_TEST_START_M
 use plain ``spawn`` instead.
 
 ``fn`` is pickled by reference, so its module must be importable in the child: test modules are
-(pytest's default ``prepend`` import mode puts their directory on ``sys.path``, which is passed on).
+(pytest's default ``prepend`` import mode puts their directory on ``sys.path``, and multiprocessing
+gives every ``forkserver`` or ``spawn`` child the parent's ``sys.path`` before it unpickles anything).
 ``import tests.dist_utils`` needs the repository root on ``sys.path``: run ``python -m pytest`` from
 the root (as the Makefile does).
 """
@@ -42,7 +43,6 @@ import os
 import pickle
 import signal
 import socket
-import sys
 import tempfile
 import time
 import traceback
@@ -91,7 +91,6 @@ def _child_main(
     rank: int,
     world_size: int,
     master_port: int,
-    sys_path: List[str],
     payload: bytes,
     conn: multiprocessing.connection.Connection,
     stack_file: str,
@@ -114,10 +113,6 @@ def _child_main(
     stack_out = open(stack_file, "w")
     faulthandler.register(signal.SIGUSR1, file=stack_out, all_threads=True)
     try:
-        # The forkserver's sys.path dates from its start; the test module may live elsewhere.
-        for entry in reversed(sys_path):
-            if entry not in sys.path:
-                sys.path.insert(0, entry)
         import torch
 
         torch.set_num_threads(1)
@@ -228,7 +223,7 @@ def run_distributed(
                 reader, writer = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=_child_main,
-                    args=(rank, world_size, port, list(sys.path), payload, writer,
+                    args=(rank, world_size, port, payload, writer,
                           stack_files[rank]),
                     name=f"dist-test-rank{rank}",
                     daemon=False,  # dist_checkpointing saves start their own worker processes

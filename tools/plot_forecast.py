@@ -31,7 +31,9 @@ def forecast(args) -> dict:
     from megatron_dchag.data.era5.naming import parse_channels
     from megatron_dchag.distributed import destroy_distributed, initialize_distributed
     from megatron_dchag.metrics import latitude_weights, weighted_rmse
-    from megatron_dchag.models.forecast import ForecastModel, forecast_channels
+    from megatron_dchag.models.forecast import forecast_channels
+    from megatron_dchag.tasks.forecasting import ERA5ForecastTask
+    from megatron_dchag.training.builder import build_single_model
     from megatron_dchag.training.checkpoint_conversion import config_for_layout
     from megatron_dchag.training.checkpointing import (
         CheckpointError, load_checkpoint, read_checkpoint_config, resolve_checkpoint_dir)
@@ -57,7 +59,9 @@ def forecast(args) -> dict:
             data_path, channels=list(channels.inputs), output_channels=list(channels.outputs), lead_times_hours=leads,
             stats_file=stats_file, split=args.split, val_fraction=cfg.data.val_fraction, cache=False,
         )
-        model = ForecastModel(cfg, seed=cfg.training.seed, latitudes=dataset.latitudes)
+        task = ERA5ForecastTask(cfg)
+        task.latitudes = dataset.latitudes  # what prepare() reads from the data (the tool skips its checks)
+        model = build_single_model(cfg, task)  # the model of the saved config, as trained
         load_checkpoint(args.load, [model], load_rng=False)
         model.eval()
         starts = dataset.valid_start_indices

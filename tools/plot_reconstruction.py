@@ -39,9 +39,9 @@ def reconstruct(args) -> dict:
     from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset
     from megatron_dchag.data.hyperspectral.statistics import load_channel_stats
     from megatron_dchag.distributed import destroy_distributed, initialize_distributed
-    from megatron_dchag.models.mae import MaskedAutoencoder
-    from megatron_dchag.tasks.mae_pretraining import mask_generator
     from megatron_dchag.models.mae import random_patch_mask
+    from megatron_dchag.tasks.mae_pretraining import HyperspectralMAETask, mask_generator
+    from megatron_dchag.training.builder import build_single_model
     from megatron_dchag.training.checkpoint_conversion import config_for_layout
     from megatron_dchag.training.checkpointing import (
         CheckpointError, load_checkpoint, read_checkpoint_config, resolve_checkpoint_dir)
@@ -62,7 +62,7 @@ def reconstruct(args) -> dict:
             split=args.split, val_fraction=cfg.data.val_fraction, seed=cfg.training.seed,
         )
         wl = dataset.all_wavelengths
-        model = MaskedAutoencoder(cfg, seed=cfg.training.seed, wavelengths=None if wl is None else list(map(float, wl)))
+        model = build_single_model(cfg, HyperspectralMAETask(cfg))  # the model of the saved config, as trained
         load_checkpoint(args.load, [model], load_rng=False)
         model.eval()
         item = dataset[(0, args.index % len(dataset))]

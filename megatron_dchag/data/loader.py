@@ -45,9 +45,32 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from megatron_dchag.training.task import MicroBatchStream
-
 PREFETCH_PER_WORKER = 2  # micro-batches each worker prepares ahead (DataLoader ``prefetch_factor``)
+
+
+class MicroBatchStream:
+    """An endless, resumable iterator of micro-batches for one data-parallel rank (what a task's
+    ``train_stream`` / ``eval_stream`` return and the schedules draw from).
+
+    ``state_dict()`` is the state after the last micro-batch returned by ``next`` (what a
+    checkpoint saves); :class:`MicroBatchLoader` implements it with optional background worker
+    processes (``data.num_workers``).
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release background resources (worker processes); the stream stays usable."""
 
 
 class MicroBatchPlan:

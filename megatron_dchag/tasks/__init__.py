@@ -1,1 +1,3 @@
-"""Workloads plugged into the shared trainer: MAE pretraining of hyperspectral cubes, ERA5 forecasting."""
+"""Workloads: the :class:`~megatron_dchag.tasks.base.Task` contract (``base``), MAE pretraining of
+hyperspectral cubes (``mae_pretraining``), ERA5 forecasting (``forecasting``) and the lookup of a
+task by the name its checkpoints record (``registry``)."""

@@ -37,8 +37,9 @@ from megatron.core import parallel_state
 
 from megatron_dchag.config import ConfigError, ExperimentConfig, resolve_config, run_shape
 from megatron_dchag.data.loader import CountingPlan, MicroBatchLoader
+from megatron_dchag.device import batch_to_device
 from megatron_dchag.models.forecast import ForecastChannels, ForecastModel, forecast_channels
-from megatron_dchag.training.task import Task, batch_to_device
+from megatron_dchag.tasks.base import Task
 
 METRIC_ORDER = ("rmse", "persistence_rmse", "climatology_rmse", "acc", "mse", "rmse_of_mean_mse")
 
@@ -90,7 +91,7 @@ class ERA5ForecastTask(Task):
     def __init__(self, cfg: ExperimentConfig):
         super().__init__(cfg)
         self.channels: Optional[ForecastChannels] = None
-        self.latitudes: Optional[np.ndarray] = None
+        self.latitudes: Optional[np.ndarray] = None  # the data's latitude rows: set by prepare() (or by a tool)
         self._eval_dataset = None
         self._metrics = None
         self._metric_local: Optional[torch.Tensor] = None

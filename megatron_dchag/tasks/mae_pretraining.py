@@ -23,8 +23,9 @@ from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset
 from megatron_dchag.data.hyperspectral.discovery import list_cube_files, scan_cubes
 from megatron_dchag.data.loader import MicroBatchLoader, MicroBatchPlan
 from megatron_dchag.data.sampler import DistributedResumableSampler
+from megatron_dchag.device import batch_to_device
 from megatron_dchag.models.mae import MaskedAutoencoder, random_patch_mask
-from megatron_dchag.training.task import Task, batch_to_device
+from megatron_dchag.tasks.base import Task
 
 
 def mask_generator(seed: int, epoch: int, index: int) -> torch.Generator:

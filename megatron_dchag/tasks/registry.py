@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Type
 
-from megatron_dchag.training.task import Task
+from megatron_dchag.tasks.base import Task
 
 TASK_MODULES = ("megatron_dchag.tasks.mae_pretraining", "megatron_dchag.tasks.forecasting")
 

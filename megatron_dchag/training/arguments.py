@@ -1,4 +1,4 @@
-"""Command line of the entry points (DESIGN 4b): ``--config``, dotted overrides, Megatron-style flags.
+"""Command line of the entry points: ``--config``, dotted overrides, Megatron-style flags.
 
 Precedence, lowest to highest: the YAML file, ``section.field=value`` overrides, then the
 Megatron-style flags (``--lr 3e-4`` is the same as ``training.lr=3e-4`` given last).

@@ -2,8 +2,9 @@
 
 Each rank-level function below runs inside an initialized megatron ``parallel_state`` (one process
 per rank of the *target* layout; :func:`run_on_local_ranks` starts them on this machine with gloo).
-The model is rebuilt from the checkpoint's own ``config.yaml`` and the task name it recorded, so
-the same code converts MAE and forecasting checkpoints without being told which is which.
+The model is rebuilt from the checkpoint's own ``config.yaml`` and the task name it recorded, by
+the same builder as training (:mod:`megatron_dchag.training.builder`), so the same code converts
+MAE and forecasting checkpoints without being told which is which.
 
 - :func:`reshard_rank`: load model, optimizer, scheduler and data position under the target
   layout (dist_checkpointing reshards on load) and save them again there.
@@ -31,6 +32,8 @@ from megatron_dchag.config import (
     resolve_config,
     validate_config,
 )
+from megatron_dchag.tasks.registry import task_class
+from megatron_dchag.training.builder import build_single_model, build_training_components
 from megatron_dchag.training.checkpointing import (
     CheckpointError,
     TrainingState,
@@ -104,8 +107,6 @@ def config_for_layout(saved: Dict[str, Any], tp: int, pp: int, vpp: Union[int, N
 
 
 def _workload_sections(task: Optional[str]) -> Optional[Tuple[str, ...]]:
-    from megatron_dchag.tasks.registry import task_class
-
     try:
         return task_class(task).config_sections if task else None
     except KeyError:  # a task this version does not know: validate every section
@@ -113,8 +114,6 @@ def _workload_sections(task: Optional[str]) -> Optional[Tuple[str, ...]]:
 
 
 def _task(cfg: ExperimentConfig, name: Optional[str]):
-    from megatron_dchag.tasks.registry import task_class
-
     if not name:
         raise CheckpointError("the checkpoint does not record its task (saved by an older version)")
     return task_class(name)(cfg)
@@ -127,24 +126,21 @@ def _task(cfg: ExperimentConfig, name: Optional[str]):
 
 def reshard_rank(load: str, save: str, tp: int, pp: int, vpp: Union[int, None, str] = SAVED) -> int:
     from megatron.core import parallel_state
-    from megatron_dchag.training.trainer import Trainer
 
     _, saved, state = checkpoint_description(load)
     cfg = config_for_layout(saved, tp, pp, vpp, task=state.get("task"))
-    trainer = Trainer(cfg, _task(cfg, state.get("task")))
-    trainer._build(prepare_data=False)
+    built = build_training_components(cfg, _task(cfg, state.get("task")))  # from the config alone, no data
     weights_only = not state.get("has_optimizer", True)
-    loaded = load_checkpoint(load, trainer.models, None if weights_only else trainer.optimizer,
-                             None if weights_only else trainer.scheduler, load_rng=False)
+    optimizer, scheduler = (None, None) if weights_only else (built.optimizer, built.scheduler)
+    loaded = load_checkpoint(load, built.models, optimizer, scheduler, load_rng=False)
     loaded.layout = dict(tp=tp, pp=pp, dp=parallel_state.get_data_parallel_world_size())
     loaded.has_optimizer = not weights_only
-    save_checkpoint(save, loaded.iteration, trainer.models, None if weights_only else trainer.optimizer,
-                    None if weights_only else trainer.scheduler, loaded, config_to_dict(cfg))
+    save_checkpoint(save, loaded.iteration, built.models, optimizer, scheduler, loaded, config_to_dict(cfg))
     return loaded.iteration
 
 
 def _single_model(cfg: ExperimentConfig, task_name: str) -> torch.nn.Module:
-    return _task(cfg, task_name).build_model(pre_process=True, post_process=True)
+    return build_single_model(cfg, _task(cfg, task_name))
 
 
 def export_rank(load: str, out_file: str) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
-"""What ``pretrain_*.py`` scripts share: parse, validate, start the ranks, train, report errors.
+"""What ``pretrain_*.py`` scripts share: parse, validate, start the ranks, check the data, build,
+train, report errors.
 
 Bad input (config, data, checkpoint, launch) ends the process with one clear ``error:`` line on
 stderr and exit status 2, before any compute starts where possible; ``--debug`` shows the traceback.
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable, Optional, Sequence
 
 from megatron_dchag.config import ConfigError, ExperimentConfig, resolve_config
-from megatron_dchag.training.task import Task
+from megatron_dchag.tasks.base import Task
 
 EXIT_BAD_INPUT = 2
 
@@ -73,9 +75,14 @@ def run_entry_point(
         initialize_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                                seed=cfg.training.seed,
                                virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size)
+        from megatron_dchag.training.builder import build_training_components
         from megatron_dchag.training.trainer import Trainer
 
-        Trainer(cfg, task_factory(cfg), fault_hook=fault_hook).run()
+        task = task_factory(cfg)
+        start_time = time.time()
+        task.prepare()  # the data checks, before any model is built
+        components = build_training_components(cfg, task)
+        Trainer(cfg, task, components, fault_hook=fault_hook, start_time=start_time).run()
         destroy_distributed()
         return 0
     except user_errors() as exc:

@@ -1,11 +1,10 @@
 """The shared training loop on megatron-core (both workloads).
 
-megatron-core provides the pieces: ``get_forward_backward_func`` schedules (no pipelining,
-1F1B, interleaved), ``DistributedDataParallel`` (gradient buckets, overlap, distributed
-optimizer), ``get_megatron_optimizer`` (AdamW, clipping, bf16 with fp32 master weights),
-``OptimizerParamScheduler`` (warm-up + cosine). This module wires them to a :class:`Task`, adds
-evaluation, checkpoints (:mod:`megatron_dchag.training.checkpointing`), logging, clean stops on
-SIGTERM/SIGINT or ``--exit-duration-in-mins`` and skipping of non-finite steps.
+:class:`Trainer` runs what :func:`~megatron_dchag.training.builder.build_training_components`
+built (DDP-wrapped chunks, optimizer, scheduler, megatron-core's ``get_forward_backward_func``
+schedule) for a :class:`~megatron_dchag.tasks.base.Task`: resume, the step loop, evaluation,
+checkpoints (:mod:`megatron_dchag.training.checkpointing`), logging, clean stops on SIGTERM/SIGINT
+or ``--exit-duration-in-mins`` and skipping of non-finite steps.
 """
 
 from __future__ import annotations
@@ -15,20 +14,13 @@ import os
 import resource
 import signal
 import time
-import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 
-from megatron_dchag.compat.megatron import initialize_torch_adam_state, patch_distributed_optimizer_for_torch_adam
 from megatron_dchag.config import (
     ExperimentConfig,
     build_dataclass,
@@ -37,7 +29,9 @@ from megatron_dchag.config import (
     resolve_config,
     run_shape,
 )
+from megatron_dchag.tasks.base import Task
 from megatron_dchag.training import fault_injection
+from megatron_dchag.training.builder import TrainingComponents, unwrap_model
 from megatron_dchag.training.checkpointing import (
     CheckpointError,
     TrainingState,
@@ -47,7 +41,6 @@ from megatron_dchag.training.checkpointing import (
     save_checkpoint,
 )
 from megatron_dchag.training.metrics_logger import MetricsLogger, format_train_line
-from megatron_dchag.training.task import Task, compute_device
 
 
 class TrainingStopped(RuntimeError):
@@ -90,13 +83,21 @@ def _any_rank(flag: bool) -> bool:
 
 
 class Trainer:
-    """Trains ``task`` under ``cfg``, the config object the task shares. The entry point resolves it
-    first (:func:`~megatron_dchag.config.resolve_config`), so the saved ``config.yaml`` records G and
-    the other defaults explicitly."""
+    """Trains ``task`` under ``cfg``, the config object the task shares, with ``components`` built
+    for them. The entry point resolves the config first (:func:`~megatron_dchag.config.resolve_config`),
+    so the saved ``config.yaml`` records G and the other defaults explicitly. ``start_time``
+    (``time.time()`` when the run's set-up began, default now) is where ``--exit-duration-in-mins``
+    counts from."""
 
-    def __init__(self, cfg: ExperimentConfig, task: Task, fault_hook=None):
+    def __init__(self, cfg: ExperimentConfig, task: Task, components: TrainingComponents, fault_hook=None,
+                 start_time: Optional[float] = None):
         self.cfg = cfg
         self.task = task
+        self.models = components.models
+        self.optimizer = components.optimizer
+        self.scheduler = components.scheduler
+        self.forward_backward = components.forward_backward
+        self.model_config = components.model_config
         self.fault_hook = fault_hook  # tests: injected into checkpoint saves
         tr = cfg.training
         self.rank = dist.get_rank()
@@ -109,86 +110,8 @@ class Trainer:
         self.log_dir = tr.log_dir or tr.save
         self.logger = MetricsLogger(self.log_dir, enabled=self.rank == 0, total_steps=tr.train_iters)
         self.stop = _StopFlag()
-        self.start_time = time.time()
+        self.start_time = time.time() if start_time is None else start_time
         self._first_eval_streams: Optional[List[Any]] = None  # built before outputs, used by the first eval
-
-    # ------------------------------------------------------------------------------------------
-    def _build(self, prepare_data: bool = True) -> None:
-        """Model chunks, DDP, optimizer, scheduler. ``prepare_data=False`` (checkpoint tools) builds
-        from the config alone, without looking at the data."""
-        cfg, tr, par = self.cfg, self.cfg.training, self.cfg.parallel
-        if prepare_data:
-            self.task.prepare()
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
-        vpp = par.virtual_pipeline_model_parallel_size
-        vpp = vpp if pp > 1 else None
-        chunks: List[torch.nn.Module] = []
-        for i in range(vpp or 1):
-            if vpp:
-                # Models read their virtual stage from here (megatron's TransformerBlock needs it).
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    parallel_state.set_virtual_pipeline_model_parallel_rank(i)
-            vp_stage = i if vpp else None
-            pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
-            post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if pp > 1 else True
-            chunk = self.task.build_model(pre_process=pre, post_process=post).to(compute_device())
-            chunk.vp_stage = vp_stage
-            # megatron's finalize_model_grads asks every pipelined model whether the first and last
-            # stages share an embedding; these models have none to share.
-            if not hasattr(chunk, "share_embeddings_and_output_weights"):
-                chunk.share_embeddings_and_output_weights = False
-            chunks.append(chunk)
-        if vpp:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                parallel_state.set_virtual_pipeline_model_parallel_rank(0)
-        config = chunks[0].config
-        if tr.bf16:
-            chunks = [Float16Module(config, m) for m in chunks]
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=par.overlap_grad_reduce,
-            use_distributed_optimizer=par.use_distributed_optimizer,
-            check_for_nan_in_grad=False,
-        )
-        self.models = [
-            DistributedDataParallel(config, ddp_config, m, disable_bucketing=(i > 0)) for i, m in enumerate(chunks)
-        ]
-        for m in self.models:
-            m.broadcast_params()  # identical start across DP replicas
-        opt_config = OptimizerConfig(
-            optimizer="adam", lr=tr.lr, min_lr=tr.min_lr, weight_decay=tr.weight_decay,
-            adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_eps=tr.adam_eps,
-            clip_grad=tr.clip_grad, bf16=tr.bf16, params_dtype=torch.float32,
-            use_distributed_optimizer=par.use_distributed_optimizer,
-        )
-        self.optimizer = get_megatron_optimizer(opt_config, self.models)
-        # Checkpoint loading (resume, tools/convert_checkpoint.py) needs both of these.
-        patch_distributed_optimizer_for_torch_adam(self.optimizer)
-        initialize_torch_adam_state(self.optimizer)
-        # megatron requires warm-up < decay; a run shorter than its warm-up just never leaves it
-        decay_steps = max(tr.train_iters, tr.lr_warmup_iters + 1) * self.global_batch_size
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if tr.lr_warmup_iters else tr.lr,
-            max_lr=tr.lr,
-            min_lr=tr.min_lr,
-            lr_warmup_steps=tr.lr_warmup_iters * self.global_batch_size,
-            lr_decay_steps=decay_steps,
-            lr_decay_style=tr.lr_decay_style,
-            start_wd=tr.weight_decay,
-            end_wd=tr.weight_decay,
-            wd_incr_steps=decay_steps,
-            wd_incr_style="constant",
-        )
-        # Schedules take these hooks from the model config.
-        config.no_sync_func = [m.no_sync for m in self.models] if len(self.models) > 1 else self.models[0].no_sync
-        config.grad_sync_func = None
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = self.optimizer.scale_loss
-        self.model_config = config
-        self.forward_backward = get_forward_backward_func()
 
     # ------------------------------------------------------------------------------------------
     def _load(self) -> TrainingState:
@@ -363,17 +286,14 @@ class Trainer:
         )
 
     def _unwrapped(self) -> torch.nn.Module:
-        m = self.models[0]
-        while hasattr(m, "module"):
-            m = m.module
-        return m
+        return unwrap_model(self.models[0])
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
         cfg, tr = self.cfg, self.cfg.training
-        # Everything that can reject the input (data, model, checkpoint) runs before any output
-        # is written: a bad input leaves no partial log directory behind.
-        self._build()
+        # Everything that can reject the input (data and model, checked before the trainer was
+        # made; checkpoint; streams) runs before any output is written: a bad input leaves no
+        # partial log directory behind.
         state = self._load()
         # The streams open and may read the data (a damaged file is found here, before any output).
         streams = None if tr.skip_train else self._chunk_streams(

@@ -14,11 +14,9 @@ with sequence parallelism.
 process's first save, so only the layouts that other layouts resume from save.)
 """
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -60,6 +58,7 @@ def _train(task_name, base, overrides, probe=False):
 
     from megatron_dchag.config import load_config
     from megatron_dchag.distributed import initialize_distributed
+    from megatron_dchag.training.builder import build_training_components, unwrap_model
     from megatron_dchag.training.trainer import Trainer
 
     if task_name == "mae":
@@ -79,20 +78,17 @@ def _train(task_name, base, overrides, probe=False):
                                seed=cfg.training.seed,
                                virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size)
     info = {}
-
-    class Probe(Trainer):
-        def _build(self, *args, **kwargs):
-            super()._build(*args, **kwargs)
-            if probe:
-                model = self._unwrapped()
-                block = model.encoder.decoder
-                info["block_output_shapes"] = shapes = []
-                block.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
-                norm = block.layers[0].input_layernorm.weight if len(block.layers) else None
-                info["norm_sequence_parallel"] = getattr(norm, "sequence_parallel", None)
-                info["channel_layout"] = self.channel_layout()
-
-    Probe(cfg, TaskCls(cfg)).run()
+    task = TaskCls(cfg)
+    task.prepare()
+    trainer = Trainer(cfg, task, build_training_components(cfg, task))
+    if probe:
+        block = unwrap_model(trainer.models[0]).encoder.decoder
+        info["block_output_shapes"] = shapes = []
+        block.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+        norm = block.layers[0].input_layernorm.weight if len(block.layers) else None
+        info["norm_sequence_parallel"] = getattr(norm, "sequence_parallel", None)
+        info["channel_layout"] = trainer.channel_layout()
+    trainer.run()
     if dist.get_rank() != 0 or not cfg.training.log_dir:
         return None
     records = [json.loads(line) for line in open(os.path.join(cfg.training.log_dir, "metrics.jsonl"))]
@@ -117,10 +113,12 @@ def mae(tmp_path_factory):
     """Data, the shared initial checkpoint, and a cache of runs by layout name."""
     root = tmp_path_factory.mktemp("scaleout")
     cubes, stats = root / "cubes", root / "stats.json"
-    assert _tool("make_synthetic_hyperspectral").main([
+    from megatron_dchag.cli import compute_stats, make_synthetic_hyperspectral
+
+    assert make_synthetic_hyperspectral.main([
         "--out", str(cubes), "--num-cubes", "12", "--channels", "16", "--height", "32", "--width", "32",
         "--feature-size", "8"]) == 0
-    assert _tool("compute_stats").main(["--data-path", str(cubes), "--out", str(stats), "--quiet"]) == 0
+    assert compute_stats.main(["--data-path", str(cubes), "--out", str(stats), "--quiet"]) == 0
     base = MAE + [f"data.data_path={cubes}", f"data.stats_file={stats}"]
     init = root / "init"
     _run("mae", base, 1, 1, 1, ["training.train_iters=0", f"training.save={init}"])
@@ -218,16 +216,10 @@ FORECAST = [
 ]
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_scaleout_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_forecaster_under_pipeline_and_sequence_parallel(tmp_path):
-    synth, stats_tool = _tool("make_synthetic_era5"), _tool("compute_era5_stats")
+    from megatron_dchag.cli import compute_era5_stats as stats_tool
+    from megatron_dchag.cli import make_synthetic_era5 as synth
+
     data, stats = tmp_path / "synth.zarr", tmp_path / "stats.npz"
     synth.write_era5(synth.generate_synthetic_era5(days=20, resolution=11.25, levels=[500, 850]), data)
     stats_tool.save_era5_stats(stats, stats_tool.compute_era5_stats(str(data), log=lambda *a: None))

@@ -7,31 +7,23 @@
 - the training stream resumes exactly from its state; bad input gives one clear line.
 """
 
-import importlib.util
 import math
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-from tests.integration.conftest import REPO, read_metrics, run_script
+from tests.integration.conftest import read_metrics, run_script
 
 CHANNELS = "[z_500,z_850,t_500,t_850,u_500,u_850,v_500,v_850,q_500,q_850,t2m,u10,v10,lsm,orography]"
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_era5_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def era5_data(tmp_path_factory):
     """30 days, 6-hourly, 15 channels on an 11.25° grid (16x32), and its statistics (the same as
     ``make_synthetic_era5.py --days 30 --resolution 11.25 --levels 500,850`` + ``compute_era5_stats.py``)."""
-    synth, stats_tool = _tool("make_synthetic_era5"), _tool("compute_era5_stats")
+    from megatron_dchag.cli import compute_era5_stats as stats_tool
+    from megatron_dchag.cli import make_synthetic_era5 as synth
+
     root = tmp_path_factory.mktemp("era5")
     data, stats = root / "synth.zarr", root / "stats.npz"
     synth.write_era5(synth.generate_synthetic_era5(days=30, resolution=11.25, levels=[500, 850]), data)

@@ -8,9 +8,7 @@ to identical tensors.
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import pytest
 import torch
 import xarray as xr
 
+from megatron_dchag.cli import compute_era5_stats as stats_tool
+from megatron_dchag.cli import make_synthetic_era5 as synth
 from megatron_dchag.data.era5.dataset import ERA5Dataset
 from megatron_dchag.data.era5.leads import sample_lead_hours
 from megatron_dchag.data.era5.naming import (
@@ -30,20 +30,6 @@ from megatron_dchag.data.era5.statistics import load_era5_stats
 from megatron_dchag.data.era5.store import ChannelReader, open_era5
 from megatron_dchag.data.sampler import ERA5EvalBatchSampler, ERA5TrainBatchSampler
 from tests.tolerances import FLOAT32_REL, assert_close_scaled
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-synth = _load_tool("make_synthetic_era5")
-stats_tool = _load_tool("compute_era5_stats")
 
 CHANNELS = ["z_500", "z_850", "t_500", "t_850", "u_500", "v_850", "q_850", "t2m", "u10", "v10", "lsm", "orography"]
 

@@ -6,9 +6,7 @@ All data are tiny synthetic cubes written to ``tmp_path``; the whole file runs i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_dchag.cli import compute_stats as stats_tool
+from megatron_dchag.cli import make_synthetic_hyperspectral as synth
 from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset, crop_origin
 from megatron_dchag.data.hyperspectral.discovery import list_cube_files, split_files
 from megatron_dchag.data.hyperspectral.formats import (
@@ -35,20 +35,6 @@ from megatron_dchag.data.hyperspectral.statistics import (
     save_channel_stats,
 )
 from megatron_dchag.data.sampler import DistributedResumableSampler
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_tool(name: str):
-    """Import ``tools/<name>.py`` (tools/ is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def _cube(c: int, h: int, w: int, dtype: str = "float32", seed: int = 0) -> np.ndarray:
     """A cube whose channels are easy to tell apart: channel k is centered on 100 * (k + 1)."""
@@ -179,7 +165,6 @@ def test_reader_pickles_without_its_handle(tmp_path):
 
 @pytest.mark.parametrize("interleave", ["bsq", "bil", "bip"])
 def test_envi_and_hdf5_give_the_same_tensor(tmp_path, interleave):
-    synth = _load_tool("make_synthetic_hyperspectral")
     cube = synth.make_cube(24, 20, 28, seed=3, dtype="uint16")
     write_hdf5_cube(tmp_path / "h5" / "a.h5", cube.cube, wavelengths=cube.wavelengths)
     write_envi_cube(tmp_path / "envi" / "a.hdr", cube.cube, cube.wavelengths, interleave=interleave)
@@ -278,7 +263,6 @@ def test_mixed_formats_in_one_directory_are_ambiguous(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "uint16"])
 def test_compute_stats_matches_numpy(tmp_path, dtype):
-    tool = _load_tool("compute_stats")
     rng = np.random.default_rng(0)
     cubes = [(5000 + rng.normal(0, 3, size=(7, 9 + i, 11)) * np.arange(1, 8)[:, None, None]).astype(dtype) for i in range(3)]
     root = _write_dir(tmp_path / "d", cubes, wavelengths=np.linspace(400, 900, 7))
@@ -286,7 +270,7 @@ def test_compute_stats_matches_numpy(tmp_path, dtype):
     # float64 streaming moments vs numpy's two-pass float64 result: 1e-6 relative is generous
     # (the values carry an offset of 5,000 and the check is of numerical stability, not ulps).
     for block in (1, 3, None):
-        stats = tool.compute_channel_stats(list_cube_files(root), channel_block=block)
+        stats = stats_tool.compute_channel_stats(list_cube_files(root), channel_block=block)
         np.testing.assert_allclose(stats.mean, all_values.mean(axis=1), rtol=1e-6)
         np.testing.assert_allclose(stats.std, all_values.std(axis=1), rtol=1e-6)
         assert stats.count.tolist() == [all_values.shape[1]] * 7
@@ -294,7 +278,7 @@ def test_compute_stats_matches_numpy(tmp_path, dtype):
 
     for name in ("stats.json", "stats.npz"):
         out = tmp_path / "out" / name
-        assert tool.main(["--data-path", str(root), "--out", str(out), "--quiet"]) == 0
+        assert stats_tool.main(["--data-path", str(root), "--out", str(out), "--quiet"]) == 0
         loaded = load_channel_stats(out, num_channels_expected=7)
         np.testing.assert_allclose(loaded.mean, all_values.mean(axis=1), rtol=1e-6)
         np.testing.assert_allclose(loaded.std, all_values.std(axis=1), rtol=1e-6)
@@ -395,7 +379,6 @@ def test_sampler_with_dataloader_workers_and_epoch_tagged_indices(tmp_path):
 
 
 def test_synthetic_vegetation_has_a_red_edge_and_the_cli_writes_the_contract(tmp_path):
-    synth = _load_tool("make_synthetic_hyperspectral")
     start = time.perf_counter()
     cube = synth.make_cube(64, 64, 64, seed=0, dtype="float32")
     assert time.perf_counter() - start < 1.0

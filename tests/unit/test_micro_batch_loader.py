@@ -7,10 +7,8 @@ type and message. Tiny synthetic data in ``tmp_path``; the file runs in a few se
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,14 +23,6 @@ from megatron_dchag.training.arguments import parse_run_arguments
 from megatron_dchag.data.loader import MicroBatchLoader, MicroBatchPlan, WorkerTraceback
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_mbl_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _assert_same(a, b):
@@ -209,7 +199,9 @@ CHANNELS = ["z_500", "z_850", "t_500", "t_850", "u_500", "v_850", "q_850", "t2m"
 
 @pytest.fixture(scope="module")
 def era5(tmp_path_factory):
-    synth, stats_tool = _tool("make_synthetic_era5"), _tool("compute_era5_stats")
+    from megatron_dchag.cli import compute_era5_stats as stats_tool
+    from megatron_dchag.cli import make_synthetic_era5 as synth
+
     root = tmp_path_factory.mktemp("era5")
     data, stats = root / "synth.zarr", root / "stats.npz"
     synth.write_era5(synth.generate_synthetic_era5(days=8, resolution=22.5, levels=[500, 850], seed=1), data)

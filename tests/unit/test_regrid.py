@@ -1,4 +1,4 @@
-"""Regridding (tools/regrid_era5.py) of a smooth analytic field onto the 5.625° grid.
+"""Regridding (megatron_dchag.cli.regrid_era5) of a smooth analytic field onto the 5.625° grid.
 
 Field: f(lat, lon) = cos(lat)·sin(2·lon) + 0.5·sin(lat)² + 0.2·cos(lat)²·cos(3·lon) (+ a constant
 offset per level / time). Bilinear interpolation from a 1° grid has error ≤ h²/8 · max|f''| with
@@ -9,33 +9,18 @@ longitude 0° lies between the last and the first source column and checks perio
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
 
+from megatron_dchag.cli import regrid_era5 as regrid
 from megatron_dchag.data.era5.naming import regular_latlon_grid
 from megatron_dchag.data.era5.store import open_era5
 
-REPO = Path(__file__).resolve().parents[2]
 # Bilinear interpolation of smooth analytic fields of O(1..300) against the analytic values at the
 # target points: the interpolation error itself, not rounding, sets this bound.
 TOLERANCE = 1e-3
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-regrid = _load_tool("regrid_era5")
 
 
 def analytic(lat_deg: np.ndarray, lon_deg: np.ndarray) -> np.ndarray:

@@ -1,57 +1,20 @@
-"""The contract between the shared trainer and a workload (MAE pretraining, forecasting).
+"""The contract between the training layer and a workload (MAE pretraining, forecasting).
 
-A :class:`Task` builds its model and data for the current rank, runs one micro-batch forward for
-megatron-core's schedules, and may add evaluation metrics. The trainer owns everything else
-(parallel set-up, DDP, optimizer, schedule, checkpoints, logging, signals).
+A :class:`Task` checks its data, builds its model (one pipeline chunk at a time) and data streams
+for the current rank, runs one micro-batch forward for megatron-core's schedules, and may add
+evaluation metrics. The training layer owns everything else: building chunks, bf16, DDP,
+optimizer and scheduler (:mod:`megatron_dchag.training.builder`), the loop, checkpoints, logging
+and signals (:mod:`megatron_dchag.training.trainer`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_dchag.config import ExperimentConfig
-
-
-def compute_device() -> torch.device:
-    """Where this rank's model and micro-batches live: its GPU (CUDA or ROCm), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def batch_to_device(batch: Dict[str, Any], device: Optional[torch.device] = None) -> Dict[str, Any]:
-    """A shallow copy of ``batch`` with its tensors on ``device`` (default :func:`compute_device`);
-    the streams build batches on the CPU (and in worker processes), as megatron's ``get_batch``."""
-    device = device or compute_device()
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-class MicroBatchStream:
-    """An endless, resumable iterator of micro-batches for one data-parallel rank.
-
-    ``state_dict()`` is the state after the last micro-batch returned by ``next`` (what a
-    checkpoint saves); :class:`~megatron_dchag.data.loader.MicroBatchLoader`
-    implements it with optional background worker processes (``data.num_workers``).
-    """
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def state_dict(self) -> Dict[str, Any]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release background resources (worker processes); the stream stays usable."""
+from megatron_dchag.data.loader import MicroBatchStream
 
 
 class Task:

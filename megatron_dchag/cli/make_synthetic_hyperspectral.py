@@ -1,0 +1,247 @@
+"""Write synthetic hyperspectral cubes in the project's HDF5 contract (and optionally as ENVI).
+
+Each cube is a linear mixture of four endmember reflectance spectra over 400-900 nm:
+
+* ``vegetation``: low visible reflectance with a green bump near 550 nm and chlorophyll
+  absorption near 450 and 675 nm, a steep red edge (680-730 nm) up to a near-infrared plateau;
+* ``soil``: a smooth monotone rise with wavelength;
+* ``water``: low, decreasing into the near infrared;
+* ``shadow``: dark and flat.
+
+Abundances are spatially smooth random fields passed through a softmax (vegetation dominant, as
+in plant phenotyping images); a smooth illumination field and a per-cube brightness scale the
+mixture; sensor noise is signal dependent (shot + read noise), stronger at the spectral edges.
+Values are reflectance (float32) or reflectance x 10000 rounded to uint16.
+
+Usage::
+
+    python tools/make_synthetic_hyperspectral.py --out data/synth --num-cubes 8 --channels 500 \
+        --height 192 --width 384 --seed 0 [--dtype uint16|float32] [--layout CHW|HWC] \
+        [--envi --interleave bsq|bil|bip]
+
+(installed as the console script ``dchag-make-synthetic-hyperspectral`` with the same flags).
+HDF5 files are ``<out>/cube_00000.h5`` (dataset ``cube``, ``wavelengths`` attribute in nm); with
+``--envi`` the same cubes are also written as ``<out>/envi/cube_00000.hdr`` + ``.img`` (a separate
+directory, so each directory holds one format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from megatron_dchag.data.hyperspectral.formats import write_envi_cube, write_hdf5_cube
+
+ENDMEMBER_NAMES: Tuple[str, ...] = ("vegetation", "soil", "water", "shadow")
+UINT16_REFLECTANCE_SCALE = 10000.0
+
+
+@dataclass
+class SyntheticCube:
+    """One synthetic cube and the ground truth it was made from."""
+
+    cube: np.ndarray  # [C, H, W], float32 reflectance or uint16 reflectance x 10000
+    wavelengths: np.ndarray  # [C] nm
+    abundances: np.ndarray  # [K, H, W] float32, sums to 1 over K
+    endmembers: Dict[str, np.ndarray]  # name -> [C] reflectance (before illumination and noise)
+    reflectance_scale: float  # cube value of reflectance 1.0
+
+
+def band_wavelengths(num_channels: int, wavelength_range: Tuple[float, float] = (400.0, 900.0)) -> np.ndarray:
+    """Band centers evenly spaced over ``wavelength_range`` (nm), endpoints included."""
+    return np.linspace(wavelength_range[0], wavelength_range[1], num_channels, dtype=np.float64)
+
+
+def _gauss(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    return np.exp(-0.5 * ((x - center) / width) ** 2)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def endmember_spectra(wavelengths: np.ndarray, rng: Optional[np.random.Generator] = None) -> Dict[str, np.ndarray]:
+    """Reflectance spectra (0..1) of the four endmembers, with small per-cube variation from ``rng``."""
+    wl = np.asarray(wavelengths, dtype=np.float64)
+    jitter = (lambda lo, hi: rng.uniform(lo, hi)) if rng is not None else (lambda lo, hi: 0.5 * (lo + hi))
+    red_edge = jitter(700.0, 712.0)
+    nir_plateau = jitter(0.42, 0.52)
+    green = jitter(0.06, 0.10)
+    vegetation = (
+        0.03
+        + green * _gauss(wl, 550.0, 30.0)
+        - 0.010 * _gauss(wl, 450.0, 25.0)
+        - 0.012 * _gauss(wl, 675.0, 18.0)
+        + nir_plateau * _sigmoid((wl - red_edge) / 11.0) * (1.0 - 0.06 * np.clip((wl - 760.0) / 140.0, 0.0, 1.0))
+    )
+    soil_brightness = jitter(0.8, 1.2)
+    soil = soil_brightness * (0.07 + 0.28 * np.clip((wl - 380.0) / 520.0, 0.0, None) ** 0.75)
+    water = 0.005 + jitter(0.04, 0.07) * np.exp(-(wl - 400.0) / 120.0)
+    shadow = np.full_like(wl, jitter(0.015, 0.025))
+    spectra = {"vegetation": vegetation, "soil": soil, "water": water, "shadow": shadow}
+    return {k: np.clip(v, 0.002, 1.0) for k, v in spectra.items()}
+
+
+def _smooth_fields(rng: np.random.Generator, count: int, height: int, width: int, sigma: float) -> np.ndarray:
+    """``count`` smooth random fields ``[count, H, W]`` with zero mean and unit std."""
+    noise = rng.standard_normal((count, height, width), dtype=np.float32)
+    fields = gaussian_filter(noise, sigma=(0.0, sigma, sigma), mode="wrap", truncate=3.0)
+    fields -= fields.mean(axis=(1, 2), keepdims=True)
+    fields /= fields.std(axis=(1, 2), keepdims=True) + 1e-12
+    return fields
+
+
+def make_cube(
+    num_channels: int,
+    height: int,
+    width: int,
+    seed: int = 0,
+    dtype: str = "float32",
+    wavelength_range: Tuple[float, float] = (400.0, 900.0),
+    noise_level: float = 0.004,
+    feature_size: Optional[float] = None,
+) -> SyntheticCube:
+    """One synthetic cube ``[C, H, W]``; deterministic in ``seed``.
+
+    ``feature_size`` is the smoothing length (pixels) of the abundance maps (default
+    ``min(H, W) / 12``). ``noise_level`` is the read-noise std in reflectance units at mid-spectrum.
+    """
+    if dtype not in ("float32", "uint16"):
+        raise ValueError(f"dtype={dtype!r} must be 'float32' or 'uint16'")
+    if min(num_channels, height, width) < 1:
+        raise ValueError(f"channels, height and width must be >= 1, got {num_channels}, {height}, {width}")
+    rng = np.random.default_rng(seed)
+    wl = band_wavelengths(num_channels, wavelength_range)
+    spectra = endmember_spectra(wl, rng)
+    endmembers = np.stack([spectra[name] for name in ENDMEMBER_NAMES], axis=1).astype(np.float32)  # [C, K]
+
+    sigma = feature_size if feature_size is not None else max(1.0, min(height, width) / 12.0)
+    k = len(ENDMEMBER_NAMES)
+    logits = _smooth_fields(rng, k, height, width, sigma)
+    sharpness = rng.uniform(2.0, 3.5)
+    bias = np.array([1.0, 0.0, -0.6, -0.3], dtype=np.float32) + rng.normal(0.0, 0.3, k).astype(np.float32)
+    logits = sharpness * logits + bias[:, None, None]
+    logits -= logits.max(axis=0, keepdims=True)
+    abundances = np.exp(logits)
+    abundances /= abundances.sum(axis=0, keepdims=True)
+
+    illumination = 1.0 + 0.12 * _smooth_fields(rng, 1, height, width, 2.0 * sigma)[0]
+    illumination = np.clip(illumination, 0.6, 1.4) * np.float32(rng.uniform(0.85, 1.15))
+
+    reflectance = (endmembers @ abundances.reshape(k, -1)).reshape(num_channels, height, width)
+    reflectance *= illumination[None]
+
+    # Signal-dependent noise: shot noise ~ sqrt(signal), read noise larger at the spectral edges.
+    center, half = 0.5 * (wl[0] + wl[-1]), max(0.5 * (wl[-1] - wl[0]), 1e-6)
+    read_sigma = (noise_level * (1.0 + 2.0 * ((wl - center) / half) ** 4)).astype(np.float32)
+    variance = np.float32(noise_level * 0.5) * reflectance
+    variance += np.square(read_sigma)[:, None, None]
+    noise = rng.standard_normal(reflectance.shape, dtype=np.float32)
+    noise *= np.sqrt(variance, out=variance)
+    reflectance += noise
+    np.maximum(reflectance, 0.0, out=reflectance)
+
+    if dtype == "uint16":
+        reflectance *= np.float32(UINT16_REFLECTANCE_SCALE)
+        np.rint(reflectance, out=reflectance)
+        np.minimum(reflectance, 65535.0, out=reflectance)
+        cube = reflectance.astype(np.uint16)
+        scale = UINT16_REFLECTANCE_SCALE
+    else:
+        cube, scale = reflectance, 1.0
+    return SyntheticCube(cube=cube, wavelengths=wl, abundances=abundances, endmembers=spectra, reflectance_scale=scale)
+
+
+def write_dataset(
+    out_dir: str | Path,
+    num_cubes: int,
+    channels: int,
+    height: int,
+    width: int,
+    seed: int = 0,
+    dtype: str = "uint16",
+    layout: str = "CHW",
+    envi: bool = False,
+    interleave: str = "bsq",
+    chunks: str = "channel",
+    compression: Optional[str] = None,
+    dataset_name: str = "cube",
+    feature_size: Optional[float] = None,
+) -> List[Path]:
+    """Write ``num_cubes`` cubes to ``out_dir``; returns the HDF5 paths (ENVI copies go to ``out_dir/envi``).
+
+    Cube ``i`` uses seed ``SeedSequence([seed, i])``, so cube ``i`` is the same whatever ``num_cubes``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: List[Path] = []
+    for i in range(num_cubes):
+        cube_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        synth = make_cube(channels, height, width, seed=cube_seed, dtype=dtype, feature_size=feature_size)
+        path = write_hdf5_cube(
+            out / f"cube_{i:05d}.h5",
+            synth.cube,
+            wavelengths=synth.wavelengths,
+            dataset_name=dataset_name,
+            layout=layout,
+            chunks=chunks,
+            compression=compression,
+            attrs={"generator": "tools/make_synthetic_hyperspectral.py", "seed": cube_seed,
+                   "reflectance_scale": synth.reflectance_scale},
+        )
+        paths.append(path)
+        if envi:
+            write_envi_cube(out / "envi" / f"cube_{i:05d}.hdr", synth.cube, synth.wavelengths, interleave=interleave)
+    return paths
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--num-cubes", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("uint16", "float32"), default="uint16")
+    parser.add_argument("--layout", choices=("CHW", "HWC"), default="CHW")
+    parser.add_argument("--dataset-name", default="cube")
+    parser.add_argument("--chunks", choices=("channel", "contiguous"), default="channel",
+                        help="HDF5 storage: one chunk per channel plane (default) or contiguous")
+    parser.add_argument("--compression", choices=("gzip", "lzf"), default=None)
+    parser.add_argument("--envi", action="store_true", help="also write each cube as ENVI under OUT/envi/")
+    parser.add_argument("--interleave", choices=("bsq", "bil", "bip"), default="bsq")
+    parser.add_argument("--feature-size", type=float, default=None,
+                        help="smoothing length of the abundance maps in pixels (default min(H, W) / 12)")
+    args = parser.parse_args(argv)
+    for name in ("num_cubes", "channels", "height", "width"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    paths = write_dataset(
+        args.out, args.num_cubes, args.channels, args.height, args.width, seed=args.seed, dtype=args.dtype,
+        layout=args.layout, envi=args.envi, interleave=args.interleave, chunks=args.chunks,
+        compression=args.compression, dataset_name=args.dataset_name, feature_size=args.feature_size,
+    )
+    print(
+        f"wrote {len(paths)} cubes of {args.channels} x {args.height} x {args.width} ({args.dtype}, {args.layout}) "
+        f"to {args.out}{' (+ ENVI ' + args.interleave + ' in envi/)' if args.envi else ''} "
+        f"in {time.perf_counter() - start:.2f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
