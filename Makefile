@@ -1,27 +1,97 @@
-# Quick start: `make demo` (the main job) and `make test` (the whole suite).
+# Quick start: `make demo` (the main job) and `make test` (the whole suite, both tested stacks).
+#
+# Tested stacks (one constraints file each, under constraints/):
+#   primary  Python 3.11, torch 2.13.0 (CPU wheel), megatron-core 0.16.1   -> .venv
+#   second   Python 3.12, torch 2.13.0,             megatron-core 0.19.2   -> .venv-py312
+# `make test` lints, runs the whole suite on the primary stack, the stack-sensitive part of it on the
+# second stack, and checks that installing the package into an environment that already holds another
+# torch (2.14.1) keeps that torch.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OMP ?= 1
 
-.PHONY: install test demo clean
+# Python 3.12 for the second stack: python3.12 on PATH, else pyenv's 3.12.
+PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || echo "$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12.1/bin/python")
+VENV312 ?= .venv-py312
+PY312 := $(VENV312)/bin/python
+STAMP312 := $(VENV312)/.installed-stamp
+
+# The install check: a fresh environment that already holds torch 2.14.1 keeps it.
+VENV_INSTALL_CHECK ?= .venv-install-check
+INSTALL_CHECK_TORCH ?= 2.14.1
+
+# What the second stack runs: everything that talks to megatron-core (compatibility layer, TP/PP/DP/SP
+# equivalence, distributed optimizer, checkpoint save/load/reshard, the convert tool) and one
+# end-to-end run of each entry point.
+SECOND_STACK_TESTS ?= tests/unit \
+	tests/distributed/test_tp_equivalence.py tests/distributed/test_scaleout.py \
+	tests/integration/test_convert_checkpoint.py \
+	tests/integration/test_pretrain_hyperspectral.py::test_resume_is_exact \
+	tests/integration/test_pretrain_era5.py::test_train_tp2_then_evaluate_at_tp1
+# The smoke subset of the install check.
+INSTALL_CHECK_TESTS ?= tests/unit/test_cpu_compat.py tests/unit/test_channel_layers.py \
+	tests/distributed/test_tp_equivalence.py
+
+.PHONY: install install-second-stack test lint test-primary test-second-stack check-install demo gpu-check constraints clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+# torch first and pinned to the local CPU wheel: an unpinned torch would pull several GB of CUDA wheels.
+$(STAMP): setup.py constraints/py311-mcore016.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints/py311-mcore016.txt torch
+	$(PY) -m pip install -q -c constraints/py311-mcore016.txt -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+install-second-stack: $(STAMP312)
+
+$(STAMP312): setup.py constraints/py312-mcore019.txt
+	@test -x "$(PYTHON312)" || { echo "error: Python 3.12 not found (set PYTHON312=/path/to/python3.12)" >&2; exit 2; }
+	test -x $(PY312) || "$(PYTHON312)" -m venv $(VENV312)
+	$(PY312) -m pip install -q --upgrade pip
+	$(PY312) -m pip install -q -c constraints/py312-mcore019.txt torch
+	$(PY312) -m pip install -q -c constraints/py312-mcore019.txt -e ".[test]"
+	touch $(STAMP312)
+
+test: lint test-primary test-second-stack check-install
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test-primary: $(STAMP)
+	@echo "== primary stack: $$($(PY) -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")')"
 	OMP_NUM_THREADS=$(OMP) $(PY) -m pytest -q tests
+
+test-second-stack: $(STAMP312)
+	@echo "== second stack: $$($(PY312) -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")' 2>/dev/null)"
+	OMP_NUM_THREADS=$(OMP) $(PY312) -m pytest -q $(SECOND_STACK_TESTS)
+
+check-install: $(STAMP)
+	rm -rf $(VENV_INSTALL_CHECK)
+	$(PYTHON) -m venv $(VENV_INSTALL_CHECK)
+	$(VENV_INSTALL_CHECK)/bin/pip install -q torch==$(INSTALL_CHECK_TORCH)
+	$(VENV_INSTALL_CHECK)/bin/pip install -q -e ".[test]"
+	$(VENV_INSTALL_CHECK)/bin/python -c "import torch; v = torch.__version__; assert v.startswith('$(INSTALL_CHECK_TORCH)'), f'torch was replaced: {v}'; print('install check: torch is still', v)"
+	OMP_NUM_THREADS=$(OMP) $(VENV_INSTALL_CHECK)/bin/python -m pytest -q $(INSTALL_CHECK_TESTS)
+	rm -rf $(VENV_INSTALL_CHECK)
+	# the editable install of the check pointed the checkout at that venv's build: restore the primary one
+	$(PY) -m pip install -q --no-deps -e .
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=$(OMP) $(PY) tools/demo.py
 
+# On a machine with GPUs: the GPU check kit (report in docs/gpu.md, raw JSON in docs/bench/).
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py
+
+# Re-freeze the tested stacks after changing a requirement (then review the diff).
+constraints: $(STAMP) $(STAMP312)
+	$(PY) -m pip freeze --exclude-editable | grep -v -i '^megatron.dchag' > constraints/py311-mcore016.txt.new
+	$(PY312) -m pip freeze --exclude-editable | grep -v -i '^megatron.dchag' > constraints/py312-mcore019.txt.new
+	@echo "wrote constraints/*.txt.new: add the header comments and replace the old files"
+
 clean:
-	rm -rf $(VENV) build *.egg-info demo_output
+	rm -rf $(VENV) $(VENV312) $(VENV_INSTALL_CHECK) build *.egg-info demo_output

@@ -1,13 +1,18 @@
 """Install megatron_dchag: D-CHAG channel aggregation on megatron-core.
 
-Torch must be installed first and pinned (``pip install torch==2.13.0``); an unpinned
-torch requirement would pull the CUDA wheels. The Makefile does this for you.
+Requirements are the ranges the project is tested in, never exact pins: installing into an
+environment that already holds a torch in range (a cluster's CUDA or ROCm build) keeps that torch.
+Install torch first where the default wheel is not what you want (ROCm, a specific CUDA, the CPU
+wheel). The tested stacks are frozen in ``constraints/`` (``make install`` uses them).
 """
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "torch==2.13.0",
-    "megatron-core==0.16.1",
+    # torch: FSDP2's public fully_shard and DeviceMesh.from_group; tested 2.13.0 and 2.14.1.
+    "torch>=2.6",
+    # megatron-core: tested 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12); version differences
+    # live in megatron_dchag/compat/megatron.py.
+    "megatron-core>=0.16.1,<0.20",
     "numpy>=1.26",
     "psutil>=5.9",
     "h5py>=3.10",
@@ -35,9 +40,11 @@ CONSOLE_SCRIPTS = [
     "dchag-estimate-memory = megatron_dchag.cli.estimate_memory:main",
     "dchag-compare-loss-curves = megatron_dchag.cli.compare_loss_curves:main",
     "dchag-demo = megatron_dchag.cli.demo:main",
-    # To come when tools/convert_checkpoint.py, tools/benchmark.py and tools/plot_*.py move into
-    # megatron_dchag/cli/: dchag-convert-checkpoint, dchag-benchmark, dchag-plot-reconstruction,
-    # dchag-plot-forecast.
+    "dchag-convert-checkpoint = megatron_dchag.cli.convert_checkpoint:main",
+    "dchag-plot-reconstruction = megatron_dchag.cli.plot_reconstruction:main",
+    "dchag-plot-forecast = megatron_dchag.cli.plot_forecast:main",
+    "dchag-benchmark = megatron_dchag.cli.benchmark:main",
+    "dchag-gpu-check = megatron_dchag.cli.gpu_check:main",
 ]
 
 setup(
@@ -45,11 +52,13 @@ setup(
     version="0.1.0",
     description="Distributed Cross-Channel Hierarchical Aggregation (D-CHAG) for many-channel ViTs on megatron-core",
     packages=find_packages(include=["megatron_dchag", "megatron_dchag.*"]),
+    license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     extras_require={
-        "test": ["pytest>=7.4"],
+        # ruff is pinned: `make test` lints, and a new ruff release must not turn CI red by itself.
+        "test": ["pytest>=7.4", "ruff==0.17.6"],
         # Optional accelerators: only imported when present; they do not install on CPU.
         "te": ["transformer-engine[pytorch]"],
     },

@@ -20,6 +20,13 @@ weighted sum, so there is no per-token key/value projection. Per tree level with
 
 (A textbook cross-attention would add ``4 n B' D^2`` for the key and value projections;
 :func:`cross_attention_flops` gives both.)
+
+With a linear tree the channel stage runs *fused* by default (``model.channel_stage_impl``,
+:mod:`megatron_dchag.layers.fused_channel_stage`): the tree's weights are folded into the patch
+embeddings, so the products are exactly the tokenizer's and the tree's ``2 n B' D`` per level
+disappear. What remains of the tree is the elementwise weight formation, counted as the
+``partial_aggregation`` part: one multiply per patch-embedding weight and a multiply-add per bias
+element, ``C (p^2 + 2) D`` per forward, independent of the batch (:func:`fused_weight_formation_flops`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ __all__ = [
     "cross_attention_flops",
     "encoder_flops",
     "flops_breakdown",
+    "fused_weight_formation_flops",
     "head_flops",
     "tflops_per_rank",
     "training_flops",
@@ -62,6 +70,12 @@ def cross_attention_flops(num_tokens: int, num_queries: int, positions: int, hid
         return float(2 * n * bp * d * h + 2 * n * bp * h * d + 4 * m * bp * d * d)
     # Explicit K and V projections of every token, scores and context per head, output projection.
     return float(4 * n * bp * d * d + 4 * n * bp * d + 2 * m * bp * d * d)
+
+
+def fused_weight_formation_flops(model: ModelConfig) -> float:
+    """Elementwise FLOPs of the fused channel stage's weight formation: ``w_c W_c`` (one multiply
+    per patch-embedding weight) and ``sum_c w_c (b_c + e_c)`` (a multiply-add per bias element)."""
+    return float(model.num_channels * (model.patch_size**2 + 2) * model.hidden_size)
 
 
 def _partial_aggregation_flops(model: ModelConfig, positions: int) -> float:
@@ -100,7 +114,10 @@ def flops_breakdown(
     positions = batch_size * seq
     out: Dict[str, float] = {}
     out["tokenizer"] = 2.0 * positions * c * k * d
-    if model.uses_partial_aggregation:
+    if model.fuses_channel_stage:
+        out["partial_aggregation"] = fused_weight_formation_flops(model)
+        final_tokens = model.channel_groups
+    elif model.uses_partial_aggregation:
         out["partial_aggregation"] = _partial_aggregation_flops(model, positions)
         final_tokens = model.channel_groups
     else:

@@ -23,6 +23,19 @@ Channel stage (held from its forward until its backward)::
     cross-attention levels: n P h e weights per level, small level outputs
     backward         + C_in P D e          (gradient of the tokens; dist_tokenize: + C P D e)
 
+Fused channel stage (linear tree, ``channel_stage_impl`` fused or auto; see
+:mod:`megatron_dchag.layers.fused_channel_stage`): no patches copy, no tokens, no token gradient.
+It keeps only the images and the weights (both counted already) and makes the group tokens
+``G_own P D e``; its backward works block by block (``K`` = channels of a block x ``k``, about
+``FUSED_BLOCK_CONTRACTION``)::
+
+    backward         P K e + K D 4 + 2 G_own P D e     (a block's patches and its fp32 product
+                                                        buffer; the group tokens' gradient and
+                                                        its transposed copy)
+
+and the gradients of the channel-stage parameters exist during it (the tokenizer's is written
+block by block into its final buffer).
+
 Backbone per layer (megatron-core layer, SDPA attention, no dropout, no sequence parallelism):
 ``P D (4 + 12/T) e`` bytes; with full recompute only the layer input ``P D e`` per layer plus the
 working set of one layer during its backward. Selective recompute does not change this number
@@ -34,28 +47,40 @@ optimizer step (all gradients).
 
 Precision and optimizer (``framework``):
 
-* ``torch`` (what ``tools/benchmark.py`` runs): ``torch.optim.AdamW``; gradients appear during
+* ``torch`` (what ``tools/benchmark.py`` ran before its records carried ``framework``):
+  ``torch.optim.AdamW``; gradients appear during
   backward (``set_to_none``); ``bf16`` keeps bf16 parameters and gradients plus an fp32 master copy,
-  and converts every gradient to fp32 during the step.
-* ``megatron`` (the trainer; paper scale): megatron DDP keeps a persistent gradient buffer, fp32
-  ("main grads", Megatron-LM's default for bf16) ; bf16 adds fp32 master weights; the distributed
-  optimizer divides master weights and Adam moments by the data-parallel size.
+  and converts every gradient to fp32 during the step. The (foreach) step itself allocates an
+  fp32 ``sqrt(v)`` of every parameter and one more temporary of the largest one (measured with
+  MemTracker); with the channel stage fused this step is often the peak.
+* ``megatron`` (the trainer, ``tools/benchmark.py``; paper scale): megatron DDP keeps a persistent
+  gradient buffer, fp32 ("main grads", Megatron-LM's default for bf16); bf16 adds fp32 master
+  weights; the distributed optimizer divides master weights and Adam moments by the data-parallel
+  size. A parameter's own ``.grad`` exists from the moment autograd makes it until DDP's hook adds
+  it into the buffer; that matters for the fused channel stage, whose backward makes the
+  tokenizer's weight gradient while its block buffers are alive. The step allocates nothing with
+  apex / Transformer Engine's FusedAdam (``adam_impl="fused"``, paper scale). Without them
+  megatron-core falls back to ``torch.optim.AdamW``, which steps here one parameter at a time
+  (``adam_impl="torch"``, the CPU benchmark): ``sqrt(v)`` and its scaled copy, two fp32
+  temporaries of the largest parameter.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from megatron_dchag.config import AGGREGATION_LAYERS, STRATEGIES, aggregation_level_sizes, resolve_model, split_evenly
 
 __all__ = ["MemoryConfig", "MemoryEstimate", "estimate_memory", "param_counts", "PAPER_MODELS", "paper_config",
-           "GIB", "GB"]
+           "GIB", "GB", "FUSED_BLOCK_CONTRACTION"]
 
 GIB = 2**30
 GB = 10**9
+# Contraction length of one block product of the fused channel stage (the layer's BLOCK_CONTRACTION;
+# a test keeps the two equal, this module stays free of torch).
+FUSED_BLOCK_CONTRACTION = 2048
 
 
 @dataclass
@@ -79,6 +104,7 @@ class MemoryConfig:
     with_head: bool = False
     visible_patches: Optional[int] = None  # MAE: patch positions tokenized (default all)
     final_aggregation: str = "folded"  # or "textbook" (explicit keys/values of every token)
+    channel_stage_impl: str = "auto"  # or "fused" / "reference", as in ModelConfig
     # parallelism
     tensor_model_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -87,6 +113,7 @@ class MemoryConfig:
     micro_batch_size: int = 2
     precision: str = "fp32"  # or "bf16"
     framework: str = "torch"  # or "megatron"
+    adam_impl: str = "fused"  # framework megatron: "fused" (apex / TE FusedAdam) or "torch" (torch AdamW)
     recompute: Optional[str] = None  # backbone: None, "selective" or "full"
     recompute_channel_stage: bool = False
 
@@ -125,6 +152,12 @@ class MemoryConfig:
         return self.strategy in ("dchag", "hierarchical")
 
     @property
+    def fused(self) -> bool:
+        """Whether the channel stage runs fused (a linear tree; ``channel_stage_impl`` resolved)."""
+        fusable = self.partial and self.aggregation_layer == "linear"
+        return self.channel_stage_impl == "fused" or (self.channel_stage_impl == "auto" and fusable)
+
+    @property
     def act_bytes(self) -> int:
         return 2 if self.precision == "bf16" else 4
 
@@ -137,10 +170,17 @@ class MemoryConfig:
             raise ValueError(f"precision={self.precision!r} must be fp32 or bf16")
         if self.framework not in ("torch", "megatron"):
             raise ValueError(f"framework={self.framework!r} must be torch or megatron")
+        if self.adam_impl not in ("fused", "torch"):
+            raise ValueError(f"adam_impl={self.adam_impl!r} must be fused or torch")
         if self.recompute not in (None, "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} must be None, selective or full")
         if self.final_aggregation not in ("folded", "textbook"):
             raise ValueError(f"final_aggregation={self.final_aggregation!r} must be folded or textbook")
+        if self.channel_stage_impl not in ("auto", "fused", "reference"):
+            raise ValueError(f"channel_stage_impl={self.channel_stage_impl!r} must be auto, fused or reference")
+        if self.channel_stage_impl == "fused" and not (self.partial and self.aggregation_layer == "linear"):
+            raise ValueError("channel_stage_impl=fused needs a linear partial-aggregation tree (strategy dchag or "
+                             "hierarchical, aggregation_layer linear)")
         for name in ("tensor_model_parallel_size", "data_parallel_size", "micro_batch_size", "num_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -238,8 +278,21 @@ def _param_state_bytes(cfg: MemoryConfig) -> Tuple[float, float, float, float]:
         step_transient = 0.0
     else:
         grads = weights
-        step_transient = 4.0 if bf16 else 0.0  # fp32 copies of the gradients for the master weights
+        # fp32 copies of the gradients for the master weights; AdamW's fp32 sqrt(v) of every parameter
+        step_transient = (4.0 if bf16 else 0.0) + 4.0
     return weights, grads, moments, step_transient
+
+
+def _largest_param(cfg: MemoryConfig) -> int:
+    """Elements of the largest single parameter tensor on the rank with the most channels."""
+    d, t, k, f = cfg.hidden_size, cfg.tp, cfg.patch_size**2, cfg.ffn
+    sizes = [sum(_owned_group_sizes(cfg)) * k * d, 3 * d * d // t, f * d // t, cfg.num_patches * d]
+    if cfg.with_head:
+        sizes.append(param_counts(cfg)["head"] // (d + 1) * d)
+    if cfg.partial and cfg.aggregation_layer == "cross_attention":
+        n_groups = len(_owned_group_sizes(cfg)) if cfg.strategy == "dchag" else cfg.groups
+        sizes.append(n_groups * d * d)
+    return max(sizes)
 
 
 def estimate_memory(cfg: MemoryConfig) -> MemoryEstimate:
@@ -261,6 +314,10 @@ def estimate_memory(cfg: MemoryConfig) -> MemoryEstimate:
     channel_params = params["tokenizer"] + params["partial_aggregation"] + params["final_aggregation"]
     # Gradients that exist while the channel stage runs its backward (lazy gradients).
     grads_in_channel_bwd = all_grads if cfg.framework == "megatron" else (n_params - channel_params) * g_b
+    if cfg.framework == "torch":
+        step_transient = n_params * s_b + _largest_param(cfg) * 4.0
+    else:  # megatron: torch AdamW's per-parameter step makes two fp32 temporaries of the largest one
+        step_transient = n_params * s_b + (2 * _largest_param(cfg) * 4.0 if cfg.adam_impl == "torch" else 0.0)
 
     # ---- channel stage -----------------------------------------------------------------------
     inputs = b * c_in * h_img * w_img * e
@@ -290,12 +347,24 @@ def estimate_memory(cfg: MemoryConfig) -> MemoryEstimate:
     # Textbook final cross-attention: keys/values [N, P, 2D/T] kept until its backward, which then
     # holds three kv-sized gradients (of the key and value slices and their sum) at once.
     kv = final_tokens * pos * 2 * d / t * e if cfg.final_aggregation == "textbook" else 0.0
+    fused_work = 0.0
+    if cfg.fused:
+        # No patches copy, tokens or token gradient; the group tokens come out of one product per
+        # group, and the backward works on one block of channels at a time.
+        own_groups = levels[-1][1]
+        widest = min(max(1, FUSED_BLOCK_CONTRACTION // k), max(_owned_group_sizes(cfg))) * k
+        saved, grad = 0.0, 0.0
+        agg_saved = own_groups * pos * d * e
+        fused_work = pos * widest * e + widest * d * 4 + 2 * own_groups * pos * d * e
+        grads_in_channel_bwd = all_grads
+        if cfg.framework == "megatron":  # the tokenizer's weight gradient, until DDP adds it to main_grad
+            grads_in_channel_bwd += c_in * k * d * w_b
     if cfg.partial and final_tokens > 1:
         agg_saved += final_tokens * pos * d * e  # gathered group tokens
     # final (folded) cross-attention: weights [N, P, h/T], sums [P, h/T, D], context [P, D/T]
     agg_saved += final_tokens * pos * cfg.agg_heads / t * e + pos * cfg.agg_heads / t * d * e + pos * d / t * e
     channel_saved = saved + agg_saved + kv
-    channel_bwd = saved + agg_saved + max(grad, 3 * kv)
+    channel_bwd = saved + agg_saved + max(grad, 3 * kv) + fused_work
     small = 6 * pos * d * e  # embedding sums, final norm, loss
 
     # ---- backbone ----------------------------------------------------------------------------
@@ -323,17 +392,18 @@ def estimate_memory(cfg: MemoryConfig) -> MemoryEstimate:
         # channel-stage backward: its activations and the token gradient; backbone freed
         "channel_backward": parameters + optimizer + inputs + channel_bwd + small + grads_in_channel_bwd,
         # optimizer step: every gradient, transient fp32 copies
-        "optimizer_step": parameters + optimizer + inputs + all_grads + n_params * s_b,
+        "optimizer_step": parameters + optimizer + inputs + all_grads + step_transient,
     }
     peak_phase = max(phases, key=phases.get)
     total = phases[peak_phase]
     grads_at_peak = {"forward_end": all_grads if cfg.framework == "megatron" else 0.0,
-                     "channel_backward": grads_in_channel_bwd, "optimizer_step": all_grads + n_params * s_b}[peak_phase]
+                     "channel_backward": grads_in_channel_bwd, "optimizer_step": all_grads + step_transient}[peak_phase]
     activations = total - parameters - optimizer - inputs - grads_at_peak
+    tokenizer_part = 0.0 if cfg.fused else patches + (0.0 if cfg.strategy == "dist_tokenize" else tokens)
     parts = {
-        "tokenizer": patches + (0.0 if cfg.strategy == "dist_tokenize" else tokens),
-        "aggregation": channel_saved - patches - (0.0 if cfg.strategy == "dist_tokenize" else tokens),
-        "channel_backward_gradient": max(grad, 3 * kv),
+        "tokenizer": tokenizer_part,
+        "aggregation": channel_saved - tokenizer_part,
+        "channel_backward_gradient": max(grad, 3 * kv) + fused_work,
         "backbone": backbone_fwd + backbone_bwd_extra,
         "head": head,
     }

@@ -241,9 +241,6 @@ class ForecastMetrics:
         self.centered_acc = centered_acc
         self.sums = torch.zeros(len(self.lead_times_hours), len(self.channel_names), len(self.FIELDS), dtype=torch.float64)
 
-    def reset(self) -> None:
-        self.sums.zero_()
-
     def update(
         self,
         pred: Array,

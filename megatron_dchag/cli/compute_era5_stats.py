@@ -11,7 +11,19 @@ Writes (``.npz`` or ``.nc`` by the suffix of ``--out``, atomically):
   (index ``dayofyear - 1``), written when the data spans more than one year (or with
   ``--day-of-year on``); ``--doy-window N`` smooths it with a centred circular N-day moving
   average (WeatherBench 2 uses 61 days). Day 366 is filled from day 365 when no leap day exists;
-* ``latitude``, ``longitude`` (latitude ascending), and ``attr_*`` entries (time range, count).
+* ``latitude``, ``longitude`` (latitude ascending), and ``attr_*`` entries: the time range the
+  statistics cover (``time_start``, ``time_end``, ``num_times``), which part of the data that is
+  (``time_selection``: ``train`` with its ``val_fraction``, ``time_range`` or ``all``), the
+  smoothing window and the source.
+
+**Which times.** By default only the **train split**: the first ``1 - val_fraction`` of the
+time steps, the same rule as the run's split (:mod:`megatron_dchag.data.era5.splits`), so the
+climatology behind ACC and the climatology reference never saw a validation time. The split
+comes from the run's config (``--config FILE`` plus dotted overrides such as
+``data.val_fraction=0.2``, exactly as given to ``pretrain_era5.py``), from ``--val-fraction``,
+or from the default ``data.val_fraction`` (0.1). ``--time-range START END`` or ``--all-times``
+choose other times; a warning line says when they include validation times (and
+``pretrain_era5.py`` warns again when it is given such a file).
 
 Only ``--time-chunk`` time steps are in memory at once. Constant channels (lsm, orography)
 are included (their mean/std are spatial).
@@ -19,8 +31,9 @@ are included (their mean/std are spatial).
 Usage::
 
     python tools/compute_era5_stats.py --data-path data/era5.zarr --out data/stats.npz \\
-        [--channels z_500 t_850 ...] [--time-range 1979-01-01 2015-12-31] [--time-chunk 64] \\
-        [--day-of-year auto|on|off] [--doy-window 1]
+        [--config configs/era5/tiny.yaml data.val_fraction=0.2 ...] [--val-fraction 0.2] \\
+        [--channels z_500 t_850 ...] [--time-range 1979-01-01 2015-12-31 | --all-times] \\
+        [--ensemble-member 0|mean] [--time-chunk 64] [--day-of-year auto|on|off] [--doy-window 1]
 
 (installed as the console script ``dchag-compute-era5-stats`` with the same flags).
 """
@@ -30,13 +43,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
+from megatron_dchag.config import ConfigError, DataConfig, load_config
+from megatron_dchag.data.era5.canonical import EnsembleMember
 from megatron_dchag.data.era5.naming import LAT_DIM, LON_DIM, TIME_DIM, parse_channels
-from megatron_dchag.data.era5.statistics import ERA5Stats, save_era5_stats
+from megatron_dchag.data.era5.splits import split_window
+from megatron_dchag.data.era5.statistics import ERA5Stats, save_era5_stats, validation_overlap
 from megatron_dchag.data.era5.store import ChannelReader, available_channels, open_era5
 
 
@@ -75,15 +91,29 @@ def compute_era5_stats(
     day_of_year: str = "auto",
     doy_window: int = 1,
     log: Any = print,
+    val_fraction: Optional[float] = None,
+    ensemble_member: EnsembleMember = None,
 ) -> ERA5Stats:
-    """Stream over the data once and return the statistics (see the module docstring)."""
-    ds = open_era5(data_path)
+    """Stream over the data once and return the statistics (see the module docstring).
+
+    Times: ``time_range`` when given; else the train split of ``val_fraction`` (the first
+    ``1 - val_fraction`` of the steps); ``val_fraction=None`` with no ``time_range``: all times.
+    """
+    ds = open_era5(data_path, ensemble_member=ensemble_member)
     names = [s.name for s in parse_channels(channels)] if channels else available_channels(ds)
     reader = ChannelReader(ds, names, str(data_path))
     if TIME_DIM not in ds.coords:
         raise ValueError(f"{data_path}: no time axis; statistics need time-varying data")
     times_all = ds[TIME_DIM].values
-    sl = _time_slice(times_all, time_range)
+    if time_range is not None:
+        sl, selection = _time_slice(times_all, time_range), "time_range"
+    elif val_fraction is not None:
+        lo, hi = split_window(0, len(times_all), "train", val_fraction)
+        if hi - lo < 1:
+            raise ValueError(f"{data_path}: the train split of val_fraction={val_fraction} holds no time steps")
+        sl, selection = slice(lo, hi), "train"
+    else:
+        sl, selection = slice(0, len(times_all)), "all"
     times = times_all[sl]
     span_days = (times[-1] - times[0]) / np.timedelta64(1, "D")
     if day_of_year not in ("auto", "on", "off"):
@@ -140,9 +170,12 @@ def compute_era5_stats(
         "time_start": str(np.datetime_as_string(times[0], unit="s")),
         "time_end": str(np.datetime_as_string(times[-1], unit="s")),
         "num_times": int(count),
+        "time_selection": selection,
         "doy_window": int(doy_window),
         "source": str(data_path),
     }
+    if selection == "train":
+        attrs["val_fraction"] = float(val_fraction)  # type: ignore[arg-type]
     return ERA5Stats(
         channels=names,
         mean=mean,
@@ -155,25 +188,72 @@ def compute_era5_stats(
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line and exit status 2, no usage dump
+        raise ConfigError(message)
+
+
+def _run_settings(args: argparse.Namespace) -> Tuple[Any, Optional[List[str]], float, EnsembleMember]:
+    """``(data path, channels, val_fraction, ensemble member)`` from the flags, else the run's
+    config (``--config`` and overrides), else the defaults."""
+    cfg = load_config(args.config, args.overrides, workload_sections=("forecast",)) if (
+        args.config or args.overrides) else None
+    data: Any = args.data_path or (cfg.data.data_path if cfg is not None and cfg.data.data_path else None)
+    if not data:
+        raise ConfigError("--data-path is not given (and --config sets no data.data_path)")
+    if isinstance(data, list):
+        data = data[0] if len(data) == 1 else data
+    channels = args.channels or (cfg.data.channels if cfg is not None else None)
+    if args.val_fraction is not None:
+        val_fraction = args.val_fraction
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction={val_fraction} must be in (0, 1)")
+    else:
+        val_fraction = (cfg.data if cfg is not None else DataConfig()).val_fraction
+    member = args.ensemble_member if args.ensemble_member is not None else (
+        cfg.data.ensemble_member if cfg is not None else None)
+    return data, channels, val_fraction, member
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-path", required=True, nargs="+", help="zarr store(s), netCDF file(s), directories or globs")
+    parser = _Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--data-path", nargs="+", default=None,
+                        help="zarr store(s), netCDF file(s), directories or globs (default: data.data_path of --config)")
     parser.add_argument("--out", required=True, help="output .npz or .nc file")
-    parser.add_argument("--channels", nargs="+", default=None, help="channel names (default: every channel in the data)")
-    parser.add_argument("--time-range", nargs=2, metavar=("START", "END"), default=None)
+    parser.add_argument("--config", default=None, help="the run's YAML config (its data section sets the split)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of --config, e.g. data.val_fraction=0.2")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="validation fraction of the run (default: data.val_fraction of --config, else 0.1); "
+                             "statistics cover the train split")
+    parser.add_argument("--channels", nargs="+", default=None,
+                        help="channel names (default: data.channels of --config, else every channel in the data)")
+    times = parser.add_mutually_exclusive_group()
+    times.add_argument("--time-range", nargs=2, metavar=("START", "END"), default=None,
+                       help="cover these times instead of the train split")
+    times.add_argument("--all-times", action="store_true", help="cover every time step, validation included")
+    parser.add_argument("--ensemble-member", default=None, help="for ensemble data: a member index or 'mean'")
     parser.add_argument("--time-chunk", type=int, default=64)
     parser.add_argument("--day-of-year", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--doy-window", type=int, default=1, help="days in the circular smoothing window of the day-of-year climatology")
-    args = parser.parse_args(argv)
-    data = args.data_path[0] if len(args.data_path) == 1 else args.data_path
     try:
-        stats = compute_era5_stats(data, args.channels, tuple(args.time_range) if args.time_range else None,
-                                   args.time_chunk, args.day_of_year, args.doy_window)
+        args = parser.parse_intermixed_args(argv)
+        data, channels, val_fraction, member = _run_settings(args)
+        time_range = tuple(args.time_range) if args.time_range else None
+        stats = compute_era5_stats(data, channels, time_range, args.time_chunk, args.day_of_year, args.doy_window,
+                                   val_fraction=None if (args.all_times or time_range) else val_fraction,
+                                   ensemble_member=member)
+        overlap = validation_overlap(stats, open_era5(data, ensemble_member=member)["time"].values, val_fraction)
         save_era5_stats(args.out, stats)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"compute_era5_stats: error: {exc}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, ConfigError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"compute_era5_stats: error: {message}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {len(stats.channels)} channels, {stats.attrs['num_times']} time steps, "
+    if overlap:
+        print(f"compute_era5_stats: warning: {overlap}", file=sys.stderr)
+    covered = "the train split" if stats.attrs["time_selection"] == "train" else (
+        "--time-range" if stats.attrs["time_selection"] == "time_range" else "every time step")
+    print(f"wrote {args.out}: {len(stats.channels)} channels, {stats.attrs['num_times']} time steps "
+          f"({covered}: {stats.attrs['time_start']} .. {stats.attrs['time_end']}), "
           f"day-of-year climatology: {'yes' if stats.climatology_doy is not None else 'no'}")
     return 0
 

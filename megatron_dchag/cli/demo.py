@@ -44,7 +44,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "--height", 64, "--width", 64, "--seed", 0, "--feature-size", 12])
     else:
         print(f"[1/3] reusing synthetic cubes in {cubes}", flush=True)
-    _run([py, "tools/compute_stats.py", "--data-path", cubes, "--out", stats, "--quiet"])
+    # Over the training split of the run's config (the validation cubes stay unseen).
+    _run([py, "tools/compute_stats.py", "--config", "configs/hyperspectral/tiny.yaml", "--data-path", cubes,
+          "--out", stats, "--quiet"])
 
     print("[2/3] pretraining the tiny D-CHAG MAE with TP=2 on 2 gloo ranks", flush=True)
     if run.exists():

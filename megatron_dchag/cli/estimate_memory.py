@@ -217,6 +217,8 @@ def paper_table(device_gib: float, markdown: Optional[str]) -> int:
 
 
 def config_from_record(doc_cfg: Dict[str, object], rec: Dict[str, object]) -> MemoryConfig:
+    """The configuration of one benchmark record. Records without ``framework`` (schema 1) were
+    measured with torch's AdamW, and without ``channel_stage_impl`` on the reference channel stage."""
     return MemoryConfig(
         hidden_size=doc_cfg["hidden_size"], num_layers=doc_cfg["num_layers"], num_attention_heads=doc_cfg["num_heads"],
         ffn_hidden_size=doc_cfg.get("ffn_hidden_size"), image_size=tuple(doc_cfg["image_size"]),
@@ -225,7 +227,9 @@ def config_from_record(doc_cfg: Dict[str, object], rec: Dict[str, object]) -> Me
         channel_groups=rec.get("channel_groups"), with_head=bool(rec.get("with_head")),
         final_aggregation=rec.get("final_aggregation") or "folded", tensor_model_parallel_size=rec["tp"],
         micro_batch_size=rec["micro_batch_size"], precision="bf16" if rec.get("bf16") else "fp32",
-        framework="torch", recompute_channel_stage=bool(rec.get("recompute_channel_stage")))
+        framework=rec.get("framework") or "torch", adam_impl=rec.get("adam_impl") or "fused",
+        channel_stage_impl=rec.get("channel_stage_impl") or "reference",
+        recompute_channel_stage=bool(rec.get("recompute_channel_stage")))
 
 
 def check_against(paths: Sequence[str], tolerance: float) -> List[Dict[str, object]]:

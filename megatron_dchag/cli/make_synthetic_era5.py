@@ -26,17 +26,27 @@ The fields are built so that persistence has real error but the evolution is lea
 A 6-hour step moves mid-latitude waves by about half a grid cell at 5.625°, so persistence has
 a clear error at 6–24 h while a model that learns the advection can beat it.
 
+The same data can be written in the shapes real ERA5 files have, for tests and for trying the
+tools: ``--naming long|short|cf`` (WeatherBench 2 long names; CDS short names; CF standard names,
+with ``standard_name``/``long_name`` attributes on every variable, where the 2 m temperature and
+10 m winds are found by their attributes and the orography is ``surface_altitude`` in metres),
+``--coords`` / ``--time-name`` (axis names), ``--numeric-time`` (the time axis stored as
+``hours since 1900-01-01 00:00:00.0`` integers, as the CDS writes it), ``--ensemble N`` (an
+ensemble dimension ``number`` of N members), ``--region LAT0 LAT1 LON0 LON1`` (a regional grid,
+longitudes in -180..180 as the CDS writes a regional download) and ``--zarr-format 2|3``.
+
 Usage::
 
     python tools/make_synthetic_era5.py --out data/synth.zarr --start 2018-01-01 --days 120 \\
-        --hours 6 [--format zarr|netcdf] [--naming long|short] [--coords default|short|cds|grib] \\
-        [--latitude-order ascending|descending] [--split-files none|variable|year] \\
+        --hours 6 [--format zarr|netcdf] [--naming long|short|cf] [--coords default|short|cds|grib] \\
+        [--time-name valid_time] [--numeric-time] [--ensemble 4] [--region 35 60 -12 20] \\
+        [--latitude-order ascending|descending] [--split-files none|variable|year] [--zarr-format 2|3] \\
         [--resolution 5.625] [--levels 50,500,850] [--seed 0] [--overwrite]
 
 (installed as the console script ``dchag-make-synthetic-era5`` with the same flags).
 Writing 120 days at 32×64 takes a few seconds. Writes are atomic (a temporary path renamed into
-place). Python API: :func:`generate_synthetic_era5`, :func:`apply_convention`,
-:func:`write_era5`.
+place). Python API: :func:`generate_synthetic_era5`, :func:`add_ensemble`, :func:`select_region`,
+:func:`apply_convention`, :func:`numeric_time_axis`, :func:`write_era5`.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ from megatron_dchag.data.era5.naming import (
     VARIABLES,
     regular_latlon_grid,
 )
+from megatron_dchag.data.era5.zarr_io import ZARR_FORMATS, check_zarr_format
 
 EARTH_RADIUS = 6.371e6  # m
 OMEGA = 7.292e-5  # s^-1
@@ -324,31 +335,112 @@ COORD_CONVENTIONS = {
 }
 
 
+NAMINGS = ("long", "short", "cf")
+# --naming cf: a field whose CF standard name another field of the file already uses is named
+# <standard name>_<height> and found by its standard_name attribute.
+CF_HEIGHT_SUFFIX = {"2m_temperature": "2m", "10m_u_component_of_wind": "10m", "10m_v_component_of_wind": "10m"}
+
+
+def _cf_names(ds: xr.Dataset) -> xr.Dataset:
+    """CF standard names as variable names, ``standard_name``/``long_name`` attributes on every
+    variable; the orography becomes ``surface_altitude`` in metres."""
+    renames: Dict[str, str] = {}
+    for name in ds.data_vars:
+        var = VARIABLES[str(name)]
+        attrs = dict(ds[name].attrs, long_name=var.long_names[0])
+        if var.name == "geopotential_at_surface":
+            ds[name] = (ds[name] / GRAVITY).assign_attrs(attrs, units="m", standard_name="surface_altitude",
+                                                        long_name="Surface altitude")
+            renames[str(name)] = "surface_altitude"
+            continue
+        ds[name] = ds[name].assign_attrs(attrs, standard_name=var.standard_name)
+        suffix = CF_HEIGHT_SUFFIX.get(var.name)
+        renames[str(name)] = f"{var.standard_name}_{suffix}" if suffix else var.standard_name
+    return ds.rename(renames)
+
+
 def apply_convention(
     ds: xr.Dataset,
     naming: str = "long",
     coords: str = "default",
     latitude_order: str = "ascending",
     coord_names: Optional[Dict[str, str]] = None,
+    time_name: Optional[str] = None,
 ) -> xr.Dataset:
     """Rename a canonical dataset into a file convention.
 
-    ``naming``: ``"long"`` (WeatherBench 2 / CDS long names) or ``"short"`` (CDS short names:
-    z, t, u, v, q, t2m, u10, v10, lsm, orography). ``coords``: a key of
-    :data:`COORD_CONVENTIONS`, or explicit ``coord_names`` (canonical -> file name).
+    ``naming``: ``"long"`` (WeatherBench 2 / CDS long names), ``"short"`` (CDS short names:
+    z, t, u, v, q, t2m, u10, v10, lsm, orography, with ``long_name`` attributes as the CDS writes
+    them) or ``"cf"`` (see :func:`_cf_names`). ``coords``: a key of :data:`COORD_CONVENTIONS`, or
+    explicit ``coord_names`` (canonical -> file name); ``time_name`` renames the time axis on top.
     ``latitude_order``: ``"ascending"`` (south-to-north, WeatherBench) or ``"descending"``
     (north-to-south, as ERA5 from the CDS).
     """
-    if naming not in ("long", "short"):
-        raise ValueError(f"naming must be 'long' or 'short', got {naming!r}")
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {', '.join(NAMINGS)}, got {naming!r}")
     if latitude_order not in ("ascending", "descending"):
         raise ValueError(f"latitude_order must be 'ascending' or 'descending', got {latitude_order!r}")
     names = dict(COORD_CONVENTIONS[coords]) if coord_names is None else dict(coord_names)
+    if time_name:
+        names["time"] = time_name
     if (latitude_order == "descending") == bool(ds["latitude"].values[0] < ds["latitude"].values[-1]):
         ds = ds.isel(latitude=slice(None, None, -1))
     if naming == "short":
         ds = ds.rename({n: VARIABLES[n].short for n in ds.data_vars if n in VARIABLES})
+        for name in ds.data_vars:
+            ds[name].attrs["long_name"] = VARIABLES[VARIABLES_BY_SHORT[str(name)]].long_names[0]
+    elif naming == "cf":
+        ds = _cf_names(ds.copy())
     return ds.rename({k: v for k, v in names.items() if k in ds.dims and k != v})
+
+
+VARIABLES_BY_SHORT = {v.short: v.name for v in VARIABLES.values()}
+
+
+def add_ensemble(ds: xr.Dataset, members: int, seed: int = 0, spread: float = 0.02) -> xr.Dataset:
+    """An ensemble dimension ``number`` (0 .. members-1, first) on every time-varying field: member
+    ``k`` is the field plus deterministic noise of ``spread`` times the field's standard deviation."""
+    if members < 1:
+        raise ValueError(f"ensemble members must be >= 1, got {members}")
+    out = {}
+    for name, da in ds.data_vars.items():
+        if "time" not in da.dims:
+            out[name] = da
+            continue
+        rng = np.random.default_rng(np.random.SeedSequence([seed, members, 0xE45]))
+        base = da.values
+        noise = rng.standard_normal((members,) + base.shape).astype(np.float32) * np.float32(spread * float(base.std()))
+        out[name] = xr.DataArray((base[None] + noise).astype(base.dtype), dims=("number",) + da.dims, attrs=da.attrs)
+    return xr.Dataset(out, coords=dict(ds.coords, number=("number", np.arange(members))), attrs=ds.attrs)
+
+
+def select_region(ds: xr.Dataset, lat0: float, lat1: float, lon0: float, lon1: float) -> xr.Dataset:
+    """The grid points within latitudes ``[lat0, lat1]`` and longitudes ``[lon0, lon1]`` (degrees
+    east; ``lon0 > lon1`` or negative values cross the prime meridian). Longitudes are written in
+    ``-180 .. 180``, west to east, as the CDS writes a regional download."""
+    if not (-90.0 <= lat0 < lat1 <= 90.0):
+        raise ValueError(f"region latitudes must satisfy -90 <= LAT0 < LAT1 <= 90, got {lat0} {lat1}")
+    lat, lon = ds["latitude"].values, ds["longitude"].values
+    west = np.mod(lon - lon0, 360.0)
+    width = np.mod(lon1 - lon0, 360.0) or 360.0
+    keep_lon = np.flatnonzero(west <= width)
+    keep_lon = keep_lon[np.argsort(west[keep_lon], kind="stable")]
+    keep_lat = np.flatnonzero((lat >= lat0) & (lat <= lat1))
+    if keep_lat.size < 2 or keep_lon.size < 2:
+        raise ValueError(f"region {lat0} {lat1} {lon0} {lon1} holds fewer than 2x2 grid points")
+    out = ds.isel(latitude=keep_lat, longitude=keep_lon)
+    new_lon = np.mod(out["longitude"].values + 180.0, 360.0) - 180.0
+    return out.assign_coords(longitude=("longitude", new_lon, out["longitude"].attrs))
+
+
+def numeric_time_axis(ds: xr.Dataset, time_dim: str, units: str = "hours since 1900-01-01 00:00:00.0") -> xr.Dataset:
+    """The time axis as integers in CF ``units`` with a ``calendar`` attribute (how the CDS stores it)."""
+    times = pd.DatetimeIndex(ds[time_dim].values)
+    origin = pd.Timestamp(units.split("since", 1)[1].strip())
+    step = pd.Timedelta(1, unit=units.split()[0].rstrip("s")[0])
+    values = ((times - origin) // step).to_numpy().astype(np.int64)
+    attrs = {"units": units, "calendar": "gregorian", "standard_name": "time", "long_name": "time"}
+    return ds.assign_coords({time_dim: (time_dim, values, attrs)})
 
 
 def _encoding(ds: xr.Dataset, fmt: str) -> Dict[str, Dict]:
@@ -356,10 +448,20 @@ def _encoding(ds: xr.Dataset, fmt: str) -> Dict[str, Dict]:
     for name, da in ds.data_vars.items():
         if fmt == "zarr":
             # One time step per chunk: random access reads one step per variable.
-            enc[str(name)] = {"chunks": tuple(1 if i == 0 and da.ndim > 2 else n for i, n in enumerate(da.shape))}
+            time_axis = next((i for i, d in enumerate(da.dims) if d not in ("number",)), 0) if da.ndim > 2 else None
+            enc[str(name)] = {"chunks": tuple(1 if i == time_axis or (d == "number") else n
+                                              for i, (d, n) in enumerate(zip(da.dims, da.shape)))}
         else:
             enc[str(name)] = {"zlib": False}
     return enc
+
+
+def _time_dim(ds: xr.Dataset) -> str:
+    """The time axis of a dataset in any of the conventions written here."""
+    for dim in ds.dims:
+        if dim in ds.coords and (np.issubdtype(ds[dim].dtype, np.datetime64) or " since " in str(ds[dim].attrs.get("units", ""))):
+            return str(dim)
+    raise ValueError("the dataset has no time axis")
 
 
 def _atomic_target(out: Path, overwrite: bool):
@@ -386,13 +488,17 @@ def write_era5(
     fmt: str = "zarr",
     split_files: str = "none",
     overwrite: bool = False,
+    zarr_format: int = 2,
 ) -> List[Path]:
     """Write ``ds`` (already in the wanted convention) atomically; returns the written paths.
 
-    ``fmt="zarr"``: one store at ``out``. ``fmt="netcdf"`` with ``split_files="none"``: one file
-    ``out``; ``"variable"`` / ``"year"``: a directory ``out`` of one file per variable / year.
+    ``fmt="zarr"``: one store at ``out`` in ``zarr_format`` 2 or 3. ``fmt="netcdf"`` with
+    ``split_files="none"``: one file ``out``; ``"variable"`` / ``"year"``: a directory ``out`` of
+    one file per variable / year.
     """
     out = Path(out)
+    if fmt == "zarr":
+        check_zarr_format(zarr_format, "zarr_format")
     if fmt not in ("zarr", "netcdf"):
         raise ValueError(f"format must be 'zarr' or 'netcdf', got {fmt!r}")
     if split_files not in ("none", "variable", "year"):
@@ -403,7 +509,8 @@ def write_era5(
     try:
         if fmt == "zarr":
             store = tmp_dir / "store.zarr"
-            ds.to_zarr(store, mode="w", encoding=_encoding(ds, "zarr"), zarr_format=2, consolidated=True)
+            ds.to_zarr(store, mode="w", encoding=_encoding(ds, "zarr"), zarr_format=zarr_format,
+                       consolidated=zarr_format == 2)
             _commit(store, out)
             return [out]
         if split_files == "none":
@@ -416,8 +523,8 @@ def write_era5(
             for name in ds.data_vars:
                 pieces[f"{name}.nc"] = ds[[name]]
         else:
-            time_dim = next(d for d in ds.dims if d in ("time", "valid_time"))
-            years = pd.DatetimeIndex(ds[time_dim].values).year
+            time_dim = _time_dim(ds)
+            years = pd.DatetimeIndex(xr.decode_cf(ds[[time_dim]])[time_dim].values).year
             for year in sorted(set(years)):
                 pieces[f"{year}.nc"] = ds.isel({time_dim: np.flatnonzero(years == year)})
         folder = tmp_dir / "data"
@@ -437,8 +544,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--days", type=float, default=120)
     parser.add_argument("--hours", type=int, default=6, help="time step in hours")
     parser.add_argument("--format", choices=("zarr", "netcdf"), default="zarr")
-    parser.add_argument("--naming", choices=("long", "short"), default="long")
+    parser.add_argument("--naming", choices=NAMINGS, default="long",
+                        help="variable names: WeatherBench 2 long names, CDS short names, or CF standard names")
     parser.add_argument("--coords", choices=sorted(COORD_CONVENTIONS), default="default")
+    parser.add_argument("--time-name", default=None, help="name of the time axis (e.g. valid_time)")
+    parser.add_argument("--numeric-time", action="store_true",
+                        help="store the time axis as integer 'hours since 1900-01-01 00:00:00.0' (CF units)")
+    parser.add_argument("--ensemble", type=int, default=None, metavar="N",
+                        help="add an ensemble dimension 'number' with N members")
+    parser.add_argument("--region", type=float, nargs=4, default=None, metavar=("LAT0", "LAT1", "LON0", "LON1"),
+                        help="write only this latitude/longitude box (degrees; LON0 > LON1 or negative crosses 0°)")
+    parser.add_argument("--zarr-format", type=int, choices=ZARR_FORMATS, default=2)
     parser.add_argument("--latitude-order", choices=("ascending", "descending"), default="ascending")
     parser.add_argument("--split-files", choices=("none", "variable", "year"), default="none")
     parser.add_argument("--resolution", type=float, default=5.625)
@@ -450,12 +566,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         levels = DEFAULT_PRESSURE_LEVELS if args.levels is None else [float(x) for x in args.levels.split(",") if x]
         t0 = time.perf_counter()
         ds = generate_synthetic_era5(args.start, args.days, args.hours, args.resolution, args.seed, levels)
-        ds = apply_convention(ds, args.naming, args.coords, args.latitude_order)
-        written = write_era5(ds, args.out, args.format, args.split_files, args.overwrite)
-    except (ValueError, FileExistsError) as exc:
+        if args.region is not None:
+            ds = select_region(ds, *args.region)
+        if args.ensemble is not None:
+            ds = add_ensemble(ds, args.ensemble, args.seed)
+        ds = apply_convention(ds, args.naming, args.coords, args.latitude_order, time_name=args.time_name)
+        time_dim = args.time_name or COORD_CONVENTIONS[args.coords]["time"]
+        if args.numeric_time:
+            ds = numeric_time_axis(ds, time_dim)
+        written = write_era5(ds, args.out, args.format, args.split_files, args.overwrite, args.zarr_format)
+    except (ValueError, FileExistsError, ImportError) as exc:
         print(f"make_synthetic_era5: error: {exc}", file=sys.stderr)
         return 2
-    n_t = ds.sizes.get("time", ds.sizes.get("valid_time"))
+    n_t = ds.sizes[time_dim]
     print(
         f"wrote {len(written)} path(s) at {args.out}: {n_t} times x {len(levels)} levels x "
         f"{ds.sizes[[d for d in ds.dims if 'lat' in d][0]]}x{ds.sizes[[d for d in ds.dims if 'lon' in d][0]]} "

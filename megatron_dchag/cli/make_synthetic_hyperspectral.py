@@ -11,13 +11,21 @@ Each cube is a linear mixture of four endmember reflectance spectra over 400-900
 Abundances are spatially smooth random fields passed through a softmax (vegetation dominant, as
 in plant phenotyping images); a smooth illumination field and a per-cube brightness scale the
 mixture; sensor noise is signal dependent (shot + read noise), stronger at the spectral edges.
-Values are reflectance (float32) or reflectance x 10000 rounded to uint16.
+Values are reflectance (float32) or reflectance x 10000 rounded to uint16 or int16.
+
+Cubes can also carry what real ones do: ``--scale-factor S`` stores reflectance x S as integers
+and records S as the reflectance scale factor (HDF5 attribute ``reflectance_scale_factor``, ENVI
+``reflectance scale factor``), so that readers return reflectance; ``--nodata-fraction F`` makes
+a fraction F of each cube's pixels (whole spectra, at seeded random places) missing: NaN, or
+``--nodata-value V`` recorded as the file's no-data value (HDF5 ``--nodata-attribute``, default
+``_FillValue``; ENVI ``data ignore value``). The other pixels are the same as without it.
 
 Usage::
 
     python tools/make_synthetic_hyperspectral.py --out data/synth --num-cubes 8 --channels 500 \
-        --height 192 --width 384 --seed 0 [--dtype uint16|float32] [--layout CHW|HWC] \
-        [--envi --interleave bsq|bil|bip]
+        --height 192 --width 384 --seed 0 [--dtype uint16|int16|float32] [--layout CHW|HWC] \
+        [--envi --interleave bsq|bil|bip] [--scale-factor 10000] \
+        [--nodata-fraction 0.05 [--nodata-value -9999 [--nodata-attribute _FillValue]]]
 
 (installed as the console script ``dchag-make-synthetic-hyperspectral`` with the same flags).
 HDF5 files are ``<out>/cube_00000.h5`` (dataset ``cube``, ``wavelengths`` attribute in nm); with
@@ -37,17 +45,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from megatron_dchag.data.hyperspectral.formats import write_envi_cube, write_hdf5_cube
+from megatron_dchag.data.hyperspectral.formats import HDF5_NODATA_ATTRIBUTES, write_envi_cube, write_hdf5_cube
 
 ENDMEMBER_NAMES: Tuple[str, ...] = ("vegetation", "soil", "water", "shadow")
-UINT16_REFLECTANCE_SCALE = 10000.0
+UINT16_REFLECTANCE_SCALE = 10000.0  # the integer cubes' default reflectance scale
+DTYPES = ("uint16", "int16", "float32")
 
 
 @dataclass
 class SyntheticCube:
     """One synthetic cube and the ground truth it was made from."""
 
-    cube: np.ndarray  # [C, H, W], float32 reflectance or uint16 reflectance x 10000
+    cube: np.ndarray  # [C, H, W], float32 reflectance or integer reflectance x reflectance_scale
     wavelengths: np.ndarray  # [C] nm
     abundances: np.ndarray  # [K, H, W] float32, sums to 1 over K
     endmembers: Dict[str, np.ndarray]  # name -> [C] reflectance (before illumination and noise)
@@ -107,14 +116,16 @@ def make_cube(
     wavelength_range: Tuple[float, float] = (400.0, 900.0),
     noise_level: float = 0.004,
     feature_size: Optional[float] = None,
+    reflectance_scale: Optional[float] = None,
 ) -> SyntheticCube:
     """One synthetic cube ``[C, H, W]``; deterministic in ``seed``.
 
     ``feature_size`` is the smoothing length (pixels) of the abundance maps (default
     ``min(H, W) / 12``). ``noise_level`` is the read-noise std in reflectance units at mid-spectrum.
+    ``reflectance_scale``: cube value of reflectance 1 (default 10000 for integer dtypes, 1 for float).
     """
-    if dtype not in ("float32", "uint16"):
-        raise ValueError(f"dtype={dtype!r} must be 'float32' or 'uint16'")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be one of {DTYPES}")
     if min(num_channels, height, width) < 1:
         raise ValueError(f"channels, height and width must be >= 1, got {num_channels}, {height}, {width}")
     rng = np.random.default_rng(seed)
@@ -148,14 +159,17 @@ def make_cube(
     reflectance += noise
     np.maximum(reflectance, 0.0, out=reflectance)
 
-    if dtype == "uint16":
-        reflectance *= np.float32(UINT16_REFLECTANCE_SCALE)
-        np.rint(reflectance, out=reflectance)
-        np.minimum(reflectance, 65535.0, out=reflectance)
-        cube = reflectance.astype(np.uint16)
-        scale = UINT16_REFLECTANCE_SCALE
+    if dtype == "float32":
+        scale = 1.0 if reflectance_scale is None else float(reflectance_scale)
+        if scale != 1.0:
+            reflectance *= np.float32(scale)
+        cube = reflectance
     else:
-        cube, scale = reflectance, 1.0
+        scale = UINT16_REFLECTANCE_SCALE if reflectance_scale is None else float(reflectance_scale)
+        reflectance *= np.float32(scale)
+        np.rint(reflectance, out=reflectance)
+        np.minimum(reflectance, float(np.iinfo(dtype).max), out=reflectance)
+        cube = reflectance.astype(dtype)
     return SyntheticCube(cube=cube, wavelengths=wl, abundances=abundances, endmembers=spectra, reflectance_scale=scale)
 
 
@@ -174,17 +188,35 @@ def write_dataset(
     compression: Optional[str] = None,
     dataset_name: str = "cube",
     feature_size: Optional[float] = None,
+    scale_factor: Optional[float] = None,
+    nodata_fraction: float = 0.0,
+    nodata_value: Optional[float] = None,
+    nodata_attribute: str = "_FillValue",
 ) -> List[Path]:
     """Write ``num_cubes`` cubes to ``out_dir``; returns the HDF5 paths (ENVI copies go to ``out_dir/envi``).
 
     Cube ``i`` uses seed ``SeedSequence([seed, i])``, so cube ``i`` is the same whatever ``num_cubes``.
+    ``scale_factor`` is the stored value of reflectance 1, recorded in both formats; without it the
+    integer cubes hold reflectance x 10000 and record no factor. ``nodata_fraction`` of the pixels
+    of every cube are missing: ``nodata_value``, recorded (HDF5 attribute ``nodata_attribute``,
+    ENVI ``data ignore value``), or NaN when it is None (float32 only).
     """
+    if not 0.0 <= nodata_fraction < 1.0:
+        raise ValueError(f"nodata_fraction={nodata_fraction} must be in [0, 1)")
+    if nodata_fraction > 0 and nodata_value is None and dtype != "float32":
+        raise ValueError(f"missing pixels of a {dtype} cube need a nodata_value (NaN is a float value)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: List[Path] = []
     for i in range(num_cubes):
         cube_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-        synth = make_cube(channels, height, width, seed=cube_seed, dtype=dtype, feature_size=feature_size)
+        synth = make_cube(channels, height, width, seed=cube_seed, dtype=dtype, feature_size=feature_size,
+                          reflectance_scale=scale_factor)
+        if nodata_fraction > 0:
+            holes = np.random.default_rng([cube_seed, 0x4E4F44]).choice(
+                height * width, size=max(1, int(round(nodata_fraction * height * width))), replace=False)
+            ys, xs = np.unravel_index(holes, (height, width))
+            synth.cube[:, ys, xs] = np.nan if nodata_value is None else nodata_value
         path = write_hdf5_cube(
             out / f"cube_{i:05d}.h5",
             synth.cube,
@@ -195,10 +227,14 @@ def write_dataset(
             compression=compression,
             attrs={"generator": "tools/make_synthetic_hyperspectral.py", "seed": cube_seed,
                    "reflectance_scale": synth.reflectance_scale},
+            nodata_value=nodata_value if nodata_fraction > 0 else None, nodata_attribute=nodata_attribute,
+            scale_factor=scale_factor,
         )
         paths.append(path)
         if envi:
-            write_envi_cube(out / "envi" / f"cube_{i:05d}.hdr", synth.cube, synth.wavelengths, interleave=interleave)
+            write_envi_cube(out / "envi" / f"cube_{i:05d}.hdr", synth.cube, synth.wavelengths, interleave=interleave,
+                            data_ignore_value=nodata_value if nodata_fraction > 0 else None,
+                            reflectance_scale_factor=scale_factor)
     return paths
 
 
@@ -210,7 +246,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("uint16", "float32"), default="uint16")
+    parser.add_argument("--dtype", choices=DTYPES, default="uint16",
+                        help="integer types hold reflectance x 10000 (or x --scale-factor)")
     parser.add_argument("--layout", choices=("CHW", "HWC"), default="CHW")
     parser.add_argument("--dataset-name", default="cube")
     parser.add_argument("--chunks", choices=("channel", "contiguous"), default="channel",
@@ -220,10 +257,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--interleave", choices=("bsq", "bil", "bip"), default="bsq")
     parser.add_argument("--feature-size", type=float, default=None,
                         help="smoothing length of the abundance maps in pixels (default min(H, W) / 12)")
+    parser.add_argument("--scale-factor", type=float, default=None,
+                        help="store reflectance x S and record S as the reflectance scale factor (readers divide)")
+    parser.add_argument("--nodata-fraction", type=float, default=0.0,
+                        help="fraction of each cube's pixels (whole spectra) made missing")
+    parser.add_argument("--nodata-value", type=float, default=None,
+                        help="value of the missing pixels, recorded as the file's no-data value (default: NaN)")
+    parser.add_argument("--nodata-attribute", choices=HDF5_NODATA_ATTRIBUTES, default="_FillValue",
+                        help="HDF5 attribute that records --nodata-value")
     args = parser.parse_args(argv)
     for name in ("num_cubes", "channels", "height", "width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.nodata_fraction < 1.0:
+        parser.error(f"--nodata-fraction must be in [0, 1), got {args.nodata_fraction}")
+    if args.nodata_fraction > 0 and args.nodata_value is None and args.dtype != "float32":
+        parser.error(f"--nodata-fraction with --dtype {args.dtype} needs --nodata-value (NaN is a float value)")
+    if args.scale_factor is not None and not (np.isfinite(args.scale_factor) and args.scale_factor > 0):
+        parser.error(f"--scale-factor must be a finite number > 0, got {args.scale_factor}")
+    if args.nodata_value is not None and args.dtype != "float32":
+        info = np.iinfo(args.dtype)
+        if not (float(args.nodata_value).is_integer() and info.min <= args.nodata_value <= info.max):
+            parser.error(f"--nodata-value {args.nodata_value:g} is not a {args.dtype} value "
+                         f"(an integer in [{info.min}, {info.max}])")
     return args
 
 
@@ -234,6 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.out, args.num_cubes, args.channels, args.height, args.width, seed=args.seed, dtype=args.dtype,
         layout=args.layout, envi=args.envi, interleave=args.interleave, chunks=args.chunks,
         compression=args.compression, dataset_name=args.dataset_name, feature_size=args.feature_size,
+        scale_factor=args.scale_factor, nodata_fraction=args.nodata_fraction, nodata_value=args.nodata_value,
+        nodata_attribute=args.nodata_attribute,
     )
     print(
         f"wrote {len(paths)} cubes of {args.channels} x {args.height} x {args.width} ({args.dtype}, {args.layout}) "

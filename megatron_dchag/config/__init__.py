@@ -3,10 +3,11 @@
 - :mod:`~megatron_dchag.config.sections`: the dataclass sections, a docstring per field, and each
   section's ``validate()``;
 - :mod:`~megatron_dchag.config.loading`: YAML with ``${oc.env:...}``, dotted overrides, coercion
-  into the dataclasses (unknown fields refused with a suggestion), YAML out;
+  into the dataclasses (unknown fields refused with a suggestion), YAML out (whole, and shortened
+  for the console);
 - :mod:`~megatron_dchag.config.resolve`: the defaults that follow from other fields (G = TP size,
-  FFN width, aggregation heads, shortest lead time), filled in once by :func:`resolve_config`, and
-  the run's :class:`RunShape` (data-parallel size, global batch, micro-batches per step, MAE patches);
+  FFN width, aggregation heads, shortest lead time), filled in once by :func:`resolve_config`; the
+  fields that follow from the ERA5 channel list (:func:`follow_channel_list`); and the run's :class:`RunShape` (data-parallel size, global batch, micro-batches per step, MAE patches);
 - :mod:`~megatron_dchag.config.partition`: how channels, tree chunks and patches are split;
 - :mod:`~megatron_dchag.config.checks`: :class:`ConfigError` and the wording of its messages.
 
@@ -21,6 +22,7 @@ from megatron_dchag.config.loading import (
     load_config,
     load_yaml,
     parse_override,
+    summarize_config,
 )
 from megatron_dchag.config.partition import aggregation_level_sizes, num_masked_patches, split_evenly
 from megatron_dchag.config.resolve import (
@@ -58,5 +60,5 @@ __all__ = [
     "RunShape", "TrainingConfig",
     "aggregation_level_sizes", "build_dataclass", "config_to_dict", "data_parallel_size", "dump_config",
     "load_config", "load_yaml", "num_masked_patches", "parse_override", "resolve_config", "resolve_forecast",
-    "resolve_model", "run_shape", "split_evenly", "validate_config", "validate_model_config",
+    "resolve_model", "run_shape", "split_evenly", "summarize_config", "validate_config", "validate_model_config",
 ]

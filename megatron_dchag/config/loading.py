@@ -3,10 +3,17 @@
 YAML files may use ``${oc.env:VAR,default}`` interpolation (resolved with OmegaConf). Overrides
 are ``section.field=value`` strings whose values are parsed as YAML scalars/lists. Values are
 coerced to the fields' annotated types; an unknown field is refused with the closest known name.
+:func:`load_config` remembers where each field was set (YAML or command line) for the fields that
+follow from the ERA5 channel list (:func:`~megatron_dchag.config.resolve.follow_channel_list`).
+
+Out: :func:`dump_config` writes the whole config (``config.yaml``); :func:`summarize_config` is
+the console form, where long lists (a cube's 3,681 wavelengths) are shortened to their first and
+last few values and their count.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import typing
@@ -15,7 +22,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from megatron_dchag.config.checks import ConfigError, suggest
+from megatron_dchag.config.resolve import follow_channel_list
 from megatron_dchag.config.sections import ExperimentConfig, validate_config
+
+#: Precedence of the places a field is set (higher wins): YAML file (or a saved config), then the
+#: command line's overrides and flags. Fields left at their dataclass default have level 0.
+YAML_LEVEL, COMMAND_LINE_LEVEL = 1, 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +120,33 @@ def config_to_dict(cfg: Any) -> Dict[str, Any]:
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
+    """The whole config as YAML (what ``config.yaml`` holds)."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+
+
+def summarize_config(cfg: ExperimentConfig, max_items: int = 16, shown: int = 4) -> str:
+    """:func:`dump_config` for the console: a list longer than ``max_items`` is shown as its first
+    and last ``shown`` values and its length, on one line (``[400.0, 400.1, ..., 900.0] (3681 values)``)."""
+    tree = config_to_dict(cfg)
+    summaries: Dict[str, str] = {}
+    for section in tree.values():
+        if not isinstance(section, dict):
+            continue
+        for key, value in section.items():
+            if isinstance(value, list) and len(value) > max_items:
+                token = f"__summary_{len(summaries)}__"
+                head = ", ".join(_flow(v) for v in value[:shown])
+                tail = ", ".join(_flow(v) for v in value[-shown:])
+                summaries[token] = f"[{head}, ..., {tail}] ({len(value)} values)"
+                section[key] = token
+    text = yaml.safe_dump(tree, sort_keys=False, default_flow_style=None, width=120)
+    for token, summary in summaries.items():
+        text = text.replace(token, summary)
+    return text
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,19 +218,31 @@ def load_config(
     validate: bool = True,
     world_size: Optional[int] = None,
     workload_sections: Optional[Sequence[str]] = None,
+    base: Optional[Mapping[str, Any]] = None,
 ) -> ExperimentConfig:
-    """Load a YAML config, apply dotted overrides, build the dataclasses and validate them
+    """Load a YAML config (or ``base``, a config tree such as a run's saved config, in its place),
+    apply dotted overrides, build the dataclasses, derive the fields that follow from
+    ``data.channels`` where they were set at a lower precedence
+    (:func:`~megatron_dchag.config.resolve.follow_channel_list`), and validate them
     (``workload_sections``: see :meth:`ExperimentConfig.validate`).
 
-    The result is the config as written (defaults that follow from other fields still ``None``);
-    :func:`~megatron_dchag.config.resolve.resolve_config` fills those in for a run.
+    Otherwise the result is the config as written (defaults that follow from other fields still
+    ``None``); :func:`~megatron_dchag.config.resolve.resolve_config` fills those in for a run.
     """
-    tree: Dict[str, Any] = load_yaml(path) if path else {}
+    if path and base is not None:
+        raise ConfigError("load_config: give a config file or a base config, not both")
+    tree: Dict[str, Any] = load_yaml(path) if path else copy.deepcopy(dict(base or {}))
+    levels = {f"{section}.{key}": YAML_LEVEL for section, fields in tree.items() if isinstance(fields, dict)
+              for key in fields}
     for text in overrides:
         key_path, value = parse_override(text)
         _set_path(tree, key_path, value)
+        if len(key_path) >= 2:
+            levels[".".join(key_path[:2])] = COMMAND_LINE_LEVEL
+        elif isinstance(value, dict):
+            levels.update({f"{key_path[0]}.{key}": COMMAND_LINE_LEVEL for key in value})
     tree = _resolve_interpolations(tree, path or "overrides")
-    cfg = build_dataclass(ExperimentConfig, tree)
+    cfg = follow_channel_list(build_dataclass(ExperimentConfig, tree), levels)
     if validate:
         validate_config(cfg, world_size=world_size, workload_sections=workload_sections)
     return cfg

@@ -16,6 +16,22 @@ architecture check, checkpoint conversion, the plot tools) reads it rather than 
 Configs saved before this recorded ``null`` there; :func:`resolve_config` of such a config, which
 still holds its saved TP size, gives the values that run used.
 
+**The ERA5 channel list.** ``data.channels`` decides three more fields, unless they were given at
+the same or a higher precedence (YAML file < overrides and flags; :func:`follow_channel_list`,
+applied by :func:`~megatron_dchag.config.loading.load_config` before the rules are checked):
+
+==============================  =====================================================================
+``model.num_channels``          the length of ``data.channels``
+``model.channel_groups``        kept while it fits the channels (at most one group per channel, a
+                                multiple of the TP size, room for ``model.aggregation_tree``); else the
+                                largest G below it that does
+``forecast.metric_variables``   those of its value that are predicted (in ``forecast.output_channels``,
+                                else ``data.channels``)
+==============================  =====================================================================
+
+So ``--config configs/era5/tiny.yaml data.channels=[z_500,t_850,t2m]`` needs no other override,
+while a ``model.num_channels`` given on the command line next to it is checked against the list.
+
 What depends on the world size is not a user field: :func:`run_shape` gives the data-parallel
 size's consequences (global batch, micro-batches per step) and the MAE's visible and masked patch
 counts as a frozen :class:`RunShape`. ``training.global_batch_size`` itself is left as written
@@ -30,8 +46,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, TypeVar
 
 from megatron_dchag.config.checks import ConfigError
 from megatron_dchag.config.partition import num_masked_patches
@@ -67,6 +84,67 @@ def resolve_config(cfg: "ExperimentConfig") -> "ExperimentConfig":
     out.model = resolve_model(out.model, out.parallel.tensor_model_parallel_size)
     out.forecast = resolve_forecast(out.forecast)
     return out
+
+
+def _tree_fits(num_channels: int, groups: int, tree: Sequence[int]) -> bool:
+    """Whether every chunk of ``tree`` is smaller than the tokens a group has at its level."""
+    for size in {num_channels // groups, -(-num_channels // groups)}:
+        n = size
+        for chunk in tree:
+            if chunk >= n:
+                return False
+            n = math.ceil(n / chunk)
+    return True
+
+
+def fitting_channel_groups(num_channels: int, groups: Optional[int], tensor_model_parallel_size: int,
+                           tree: Sequence[int], uses_tree: bool = True) -> Optional[int]:
+    """``groups`` if it fits ``num_channels`` channels at the TP size (at most one group per channel,
+    a multiple of the TP size, chunks of ``tree`` smaller than a group), else the largest multiple
+    of the TP size below it that fits; ``None`` when none does (or ``groups`` is ``None``)."""
+    if groups is None:
+        return None
+    tp = max(1, tensor_model_parallel_size)
+    for g in range(min(groups, num_channels) // tp * tp, 0, -tp):
+        if not uses_tree or _tree_fits(num_channels, g, tree):
+            return g
+    return None
+
+
+def follow_channel_list(cfg: "ExperimentConfig", field_levels: Mapping[str, int]) -> "ExperimentConfig":
+    """``cfg`` with the fields that follow from ``data.channels`` derived from it (see the module
+    docstring), in place. ``field_levels``: ``"section.field"`` -> precedence of the place that set
+    it (absent: the dataclass default, 0; YAML 1; overrides and flags 2)."""
+    channels = cfg.data.channels
+    if not channels:  # None: the default list and the YAML's values; []: refused by data.channels' rule
+        return cfg
+    level = field_levels.get("data.channels", 0)
+
+    def derived(name: str) -> bool:
+        return field_levels.get(name, 0) < level
+
+    model = cfg.model
+    if derived("model.num_channels"):
+        model.num_channels = len(channels)
+    if derived("model.channel_groups") and model.channel_groups is not None:
+        fitted = fitting_channel_groups(len(channels), model.channel_groups,
+                                        cfg.parallel.tensor_model_parallel_size, model.aggregation_tree,
+                                        model.uses_partial_aggregation)
+        if fitted is not None:
+            model.channel_groups = fitted
+    if derived("forecast.metric_variables"):
+        from megatron_dchag.data.era5.naming import parse_channel
+
+        def canonical(name: str) -> Optional[str]:
+            try:
+                return parse_channel(name).name
+            except ValueError:
+                return None
+
+        outputs = cfg.forecast.output_channels if cfg.forecast.output_channels is not None else channels
+        predicted = {canonical(c) for c in outputs} - {None}
+        cfg.forecast.metric_variables = [v for v in cfg.forecast.metric_variables if canonical(v) in predicted]
+    return cfg
 
 
 def data_parallel_size(parallel: "ParallelConfig", world_size: int) -> int:

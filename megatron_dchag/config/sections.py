@@ -34,6 +34,7 @@ STRATEGIES = ("dchag", "tp_baseline", "dist_tokenize", "hierarchical")
 AGGREGATION_LAYERS = ("linear", "cross_attention")
 CHANNEL_EMBEDDINGS = ("index", "wavelength")
 TRANSFORMER_IMPLS = ("local", "transformer_engine", "auto")
+CHANNEL_STAGE_IMPLS = ("auto", "fused", "reference")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective", "channel_stage")
 LATITUDE_WEIGHTINGS = ("cos", "area")
 # megatron-core's OptimizerParamScheduler styles; its "WSD" also needs wsd_decay_steps, which the
@@ -98,6 +99,12 @@ class ModelConfig:
     """Add an embedding of the forecast lead time to the tokens (forecasting needs it)."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    channel_stage_impl: str = "auto"
+    """How tokenizer and partial-aggregation tree are evaluated (same parameters, same function):
+    fused (one product per channel group with the tree's weights folded into the patch embeddings;
+    the per-channel tokens are never materialised; needs a linear tree, i.e. strategy dchag or
+    hierarchical with aggregation_layer=linear), reference (tokenize every channel, then the tree
+    level by level), or auto (fused wherever the tree allows it)."""
 
     @property
     def num_patches(self) -> int:
@@ -114,6 +121,17 @@ class ModelConfig:
         """Whether channel groups are reduced by the local tree before the final aggregation."""
         return self.strategy in ("dchag", "hierarchical")
 
+    @property
+    def can_fuse_channel_stage(self) -> bool:
+        """Whether tokenizer and tree are linear in the patches up to the group tokens (a linear
+        partial-aggregation tree), so that ``channel_stage_impl=fused`` applies."""
+        return self.uses_partial_aggregation and self.aggregation_layer == "linear"
+
+    @property
+    def fuses_channel_stage(self) -> bool:
+        """Whether the channel stage runs fused (``channel_stage_impl`` resolved)."""
+        return self.channel_stage_impl == "fused" or (self.channel_stage_impl == "auto" and self.can_fuse_channel_stage)
+
     def validate(self, tensor_model_parallel_size: int = 1) -> None:
         """Every rule of the section at the TP size the model is built at (defaults resolved)."""
         tp = tensor_model_parallel_size
@@ -127,6 +145,13 @@ class ModelConfig:
         check_choice("model.aggregation_layer", self.aggregation_layer, AGGREGATION_LAYERS)
         check_choice("model.channel_embedding", self.channel_embedding, CHANNEL_EMBEDDINGS)
         check_choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        check_choice("model.channel_stage_impl", self.channel_stage_impl, CHANNEL_STAGE_IMPLS)
+        if self.channel_stage_impl == "fused" and not self.can_fuse_channel_stage:
+            raise ConfigError(
+                f"model.channel_stage_impl=fused needs a linear partial-aggregation tree (model.strategy dchag "
+                f"or hierarchical with model.aggregation_layer=linear), got model.strategy={self.strategy}, "
+                f"model.aggregation_layer={self.aggregation_layer}; use auto or reference"
+            )
         m = resolve_model(self, tp)
         h, w = m.image_size
         for axis, size in (("height", h), ("width", w)):
@@ -347,17 +372,34 @@ class DataConfig:
     layout: str = "CHW"
     """Axis order of the stored hyperspectral cubes: CHW or HWC."""
     channels: Optional[List[str]] = None
-    """ERA5 input channels (e.g. z_500, t2m), in model order. None: the default ERA5 channel list."""
+    """ERA5 input channels (e.g. z_500, t2m), in model order. None: the default ERA5 channel list.
+    Given, it also sets model.num_channels, a fitting model.channel_groups and the predicted
+    forecast.metric_variables, unless those are given beside it (config.resolve.follow_channel_list)."""
     val_fraction: float = 0.1
-    """Fraction of the data held out for validation (the last cubes / time steps)."""
+    """Fraction of the data held out for validation: ERA5's last time steps; hyperspectral cubes
+    chosen by a hash of each cube's file stem (the same in any format), unless data.val_files
+    names them."""
+    val_files: Optional[List[str]] = None
+    """Hyperspectral validation cubes, instead of the val_fraction hash split: entries that are
+    folders (every cube in them), files, or globs of names/stems of data.data_path's cubes."""
+    test_files: Optional[List[str]] = None
+    """Hyperspectral test cubes (entries as in val_files), left out of training and validation."""
+    nodata: str = "error"
+    """Missing values in hyperspectral cubes (NaN/inf, or the file's no-data value): error (stop
+    with a line naming the file and channel), fill (the channel mean, 0 after normalization) or
+    mask (filled for the input and left out of the loss)."""
     num_workers: int = 0
     """DataLoader worker processes per rank that build micro-batches in the background (0: inline)."""
+    ensemble_member: Optional[str] = None
+    """ERA5 data with an ensemble dimension (number, realization, ...): the member to use, an index
+    (0, 1, ...), or mean for the ensemble mean. None: the data must not hold several members."""
 
     def validate(self) -> None:
         """Every rule of the section that needs no data (the tasks check paths and contents)."""
         # The hyperspectral readers own the on-disk contract; imported here, where it is needed,
         # so that loading a config stays light.
         from megatron_dchag.data.hyperspectral.formats import FILE_FORMATS, LAYOUTS
+        from megatron_dchag.data.hyperspectral.nodata import NODATA_POLICIES
 
         check_not_empty("data.data_path", self.data_path, "a path given later with --data-path")
         check_not_empty("data.stats_file", self.stats_file, "no statistics file")
@@ -367,7 +409,16 @@ class DataConfig:
         check_choice("data.layout", self.layout, LAYOUTS)
         check_names("data.channels", self.channels, empty_hint="leave it unset for the default ERA5 channels")
         check_fraction("data.val_fraction", self.val_fraction)
+        check_names("data.val_files", self.val_files, empty_hint="leave it unset for the val_fraction split")
+        check_names("data.test_files", self.test_files, empty_hint="leave it unset for no test cubes")
+        both = sorted(set(self.val_files or ()) & set(self.test_files or ()))
+        if both:
+            raise ConfigError(f"data.test_files repeats '{both[0]}' of data.val_files (a cube belongs to one split)")
+        check_choice("data.nodata", self.nodata, NODATA_POLICIES)
         check_at_least("data.num_workers", self.num_workers, 0, "0 loads micro-batches in the training process")
+        member = self.ensemble_member
+        if member is not None and not (member.strip().lower() == "mean" or member.strip().isdigit()):
+            raise ConfigError(f"data.ensemble_member={member!r} must be a member index (0, 1, ...) or mean")
 
 
 @dataclass

@@ -31,7 +31,7 @@ Linear levels with equal chunks are one batched product (no block matrix, no was
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -264,11 +264,34 @@ class PartialChannelAggregation(GroupShardedStateMixin, nn.Module):
             else:
                 raise ValueError(f"unknown aggregation layer kind '{layer_kind}' (linear or cross_attention)")
         self.levels = nn.ModuleList(levels)
+        self.is_linear = layer_kind == "linear"
+        # Token index of every owned channel at each level (level 0: the channel itself); after
+        # the last level it is the owned group's local index (one chunk per group).
+        index = torch.arange(self.levels_plan[0].num_tokens_in)
+        for k, level in enumerate(self.levels_plan):
+            self.register_buffer(f"_token_of_channel_{k}", index, persistent=False)
+            index = level.chunk_of_token.index_select(0, index)
+        self.register_buffer("_group_of_channel", index, persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         for level in self.levels:
             tokens = level(tokens)
         return tokens
+
+    def path_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A linear tree as one weight per channel: ``(w [C_own], group_of_channel [C_own])``.
+
+        The tree maps the channel tokens ``x_c`` of group ``g`` to ``sum_c w_c x_c`` with ``w_c``
+        the product of the level weights on the path from ``c`` to the group token. Built from the
+        level parameters with autograd ops, so gradients flow back to every level.
+        """
+        if not self.is_linear:
+            raise ValueError("path_weights needs a linear tree (aggregation_layer=linear)")
+        w = None
+        for k, level in enumerate(self.levels):
+            wk = level.weight.index_select(0, getattr(self, f"_token_of_channel_{k}"))
+            w = wk if w is None else w * wk
+        return w, self._group_of_channel
 
 
 class FinalChannelCrossAttention(GroupShardedStateMixin, nn.Module):

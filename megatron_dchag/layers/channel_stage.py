@@ -13,6 +13,11 @@ dchag          own C/T channels         own G/T groups             G group token
 
 followed in every case by the TP-sharded final cross-attention. ``input_channel_range`` says
 which input channels this rank must be given (data loaders read only those).
+
+With a linear tree (``dchag`` or ``hierarchical``, ``aggregation_layer=linear``) tokenizer and tree
+run **fused** by default (``model.channel_stage_impl``): one product per channel group, no
+per-channel tokens (:mod:`megatron_dchag.layers.fused_channel_stage`). The reference path
+(tokenizer, then the tree level by level) computes the same function with the same parameters.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from megatron_dchag.config import ModelConfig
 from megatron_dchag.layers.aggregation import FinalChannelCrossAttention, PartialChannelAggregation
 from megatron_dchag.layers.channel_plan import ChannelGroupPlan
 from megatron_dchag.layers.comm import gather_tokens_from_tp_region
+from megatron_dchag.layers.fused_channel_stage import fused_group_tokens
 from megatron_dchag.layers.sharded_state import GroupShardedStateMixin
 from megatron_dchag.layers.tokenizer import ChannelEmbedding, GroupedPatchTokenizer
 
@@ -79,6 +85,11 @@ class ChannelAggregationStage(GroupShardedStateMixin, nn.Module):
             else None
         )
         self.final_aggregation = FinalChannelCrossAttention(config, d, model.aggregation_heads, seed)
+        # Tokenizer + linear tree as one product per group (model.channel_stage_impl resolved);
+        # False selects the reference path.
+        self.fused = model.fuses_channel_stage
+        if self.fused and not (self.partial_aggregation is not None and self.partial_aggregation.is_linear):
+            raise ValueError("model.channel_stage_impl=fused needs a linear partial-aggregation tree")
 
     @property
     def input_channel_range(self) -> Tuple[int, int]:
@@ -105,9 +116,13 @@ class ChannelAggregationStage(GroupShardedStateMixin, nn.Module):
 
     def forward(self, images: torch.Tensor, patch_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``images [B, C_in, H, W]`` (C_in = this rank's input channels) -> ``[L, B, D]``."""
-        tokens = self.tokenizer(images, patch_index, channel_bias=self.channel_embedding())
-        if self.partial_aggregation is not None:
-            tokens = self.partial_aggregation(tokens)  # [G_own, L, B, D]
+        if self.fused:
+            tokens = fused_group_tokens(self.tokenizer, self.channel_embedding, self.partial_aggregation,
+                                        images, patch_index)  # [G_own, L, B, D]
+        else:
+            tokens = self.tokenizer(images, patch_index, channel_bias=self.channel_embedding())
+            if self.partial_aggregation is not None:
+                tokens = self.partial_aggregation(tokens)  # [G_own, L, B, D]
         if self.sharded and self.plan.tp_size > 1:
             tokens = gather_tokens_from_tp_region(tokens, self.gathered_counts_per_rank)
         return self.final_aggregation(tokens)

@@ -61,6 +61,14 @@ class GroupedPatchTokenizer(GroupShardedStateMixin, nn.Module):
         for p in (self.weight, self.bias):
             mark_group_sharded(p, 0, plan.group_sizes, groups)
 
+    def check_images(self, images: torch.Tensor) -> None:
+        """``images`` must be ``[B, C_own, H, W]``: this rank's channels."""
+        if images.dim() != 4 or images.shape[1] != self.num_local_channels:
+            raise ValueError(
+                f"tokenizer expects images [B, {self.num_local_channels}, H, W] (this rank's channels), "
+                f"got {tuple(images.shape)}"
+            )
+
     def forward(
         self,
         images: torch.Tensor,
@@ -68,11 +76,7 @@ class GroupedPatchTokenizer(GroupShardedStateMixin, nn.Module):
         channel_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``images [B, C_own, H, W]`` -> tokens ``[C_own, L, B, D]`` (``L`` = visible patches)."""
-        if images.dim() != 4 or images.shape[1] != self.num_local_channels:
-            raise ValueError(
-                f"tokenizer expects images [B, {self.num_local_channels}, H, W] (this rank's channels), "
-                f"got {tuple(images.shape)}"
-            )
+        self.check_images(images)
         patches = patchify_channels_first(images, self.patch_size)
         if patch_index is not None:
             patches = select_patches(patches, patch_index)

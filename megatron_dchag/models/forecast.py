@@ -319,10 +319,3 @@ class ForecastModel(MegatronModule):
         b, _, h, w = target.shape
         loss = reduce_loss_across_tp(local) / float(b * self.num_loss_channels * h * w)
         return ForecastOutput(loss=loss, prediction=pred)
-
-
-def build_forecast_model(cfg: ExperimentConfig, seed: Optional[int] = None, latitudes=None,
-                         pre_process: bool = True, post_process: bool = True) -> ForecastModel:
-    """Build inside an initialized megatron ``parallel_state``."""
-    return ForecastModel(cfg, seed=cfg.training.seed if seed is None else seed, latitudes=latitudes,
-                         pre_process=pre_process, post_process=post_process)

@@ -9,6 +9,10 @@
   the loss is the MSE over masked patches of **all** channels.
 - ``norm_pix_loss`` normalizes each target channel-patch by its own mean and variance (per channel,
   so no communication is needed).
+- An optional validity mask (``valid``, False at missing values of the cube; see
+  ``data.nodata=mask``) leaves those pixels out of the loss: the squared error and the element
+  count run over valid target pixels only (reduced across TP like the sum), and norm_pix_loss
+  uses the valid pixels' mean and variance. Without a mask the loss is computed exactly as before.
 
 Pipeline parallelism: the encoder's backbone layers are split over the stages (the first owns the
 channel stage); the decoder, head and loss live whole on the last stage. Every tensor sent between
@@ -104,8 +108,10 @@ class MaskedAutoencoder(MegatronModule):
     def output_channel_range(self) -> Tuple[int, int]:
         return self._output_range
 
-    def forward(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor):
-        """``images [B, C_in, H, W]`` with this rank's input channels; ``visible``/``masked`` ``[B, L*]``.
+    def forward(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor,
+                valid: Optional[torch.Tensor] = None):
+        """``images [B, C_in, H, W]`` with this rank's input channels; ``visible``/``masked`` ``[B, L*]``;
+        ``valid`` (bool, like ``images``, optional): the pixels that count in the loss.
 
         Returns an :class:`MAEOutput` on the last pipeline stage, else the encoder's hidden states
         for the next stage.
@@ -130,6 +136,8 @@ class MaskedAutoencoder(MegatronModule):
         patches = patchify_channels_first(target_imgs, self.patch_size)  # [C_out, L, B, k]
         idx = masked.t().reshape(1, -1, b, 1).expand(patches.shape[0], -1, b, patches.shape[-1])
         target = torch.gather(patches, 1, idx).permute(2, 0, 1, 3)  # [B, C_out, Lm, k]
+        if valid is not None:
+            return self._masked_loss(pred, target, valid[:, out_lo - in_lo : out_hi - in_lo], idx)
         if self.mae.norm_pix_loss:
             mean = target.mean(-1, keepdim=True)
             var = target.var(-1, keepdim=True, unbiased=False)
@@ -138,6 +146,22 @@ class MaskedAutoencoder(MegatronModule):
         total = target.shape[0] * self.encoder.plan.num_channels * target.shape[2] * target.shape[3]
         sums = reduce_loss_across_tp(torch.stack([sq_err, (target.float() ** 2).sum().detach()])) / total
         return MAEOutput(loss=sums[0], prediction=pred, target=target, mean_baseline_loss=sums[1])
+
+    def _masked_loss(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                     idx: torch.Tensor) -> MAEOutput:
+        """The loss over the valid pixels only (``valid [B, C_out, H, W]``; ``idx`` gathers the
+        masked patches as for the target)."""
+        weight = torch.gather(patchify_channels_first(valid.float(), self.patch_size), 1, idx).permute(2, 0, 1, 3)
+        target = target.float() * weight
+        if self.mae.norm_pix_loss:
+            n = weight.sum(-1, keepdim=True).clamp(min=1.0)
+            mean = target.sum(-1, keepdim=True) / n
+            var = (((target - mean) * weight) ** 2).sum(-1, keepdim=True) / n
+            target = (target - mean) / (var + 1e-6).sqrt() * weight
+        sq_err = (((pred.float() - target) * weight) ** 2).sum()
+        sums = reduce_loss_across_tp(torch.stack([sq_err, (target**2).sum().detach(), weight.sum().detach()]))
+        count = sums[2].clamp(min=1.0)  # a micro-batch without one valid masked pixel has loss 0
+        return MAEOutput(loss=sums[0] / count, prediction=pred, target=target, mean_baseline_loss=sums[1] / count)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.encoder.set_input_tensor(input_tensor)

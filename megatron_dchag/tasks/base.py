@@ -57,6 +57,18 @@ class Task:
         """``(seq_length, hidden)`` communicated between pipeline stages, if PP is supported."""
         return None
 
+    def data_warnings(self) -> List[str]:
+        """Problems with the data that :meth:`prepare` found but that do not stop the run (e.g.
+        statistics computed over validation data), one line each; rank 0 prints them."""
+        return []
+
+    def take_step_inputs(self) -> List[Tuple[float, str, str]]:
+        """What the training micro-batches forwarded on this rank since the last call held, as
+        ``(score, key, description)`` (e.g. a cube file and its largest input value), and forget
+        them. The trainer calls it after every step and names the highest-scoring ``key``s when
+        the step is not finite."""
+        return []
+
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate_extra(self, model: torch.nn.Module, step: int) -> Dict[str, Any]:
         """Task-specific metrics added to the eval record (rank 0's values are logged)."""

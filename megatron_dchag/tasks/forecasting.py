@@ -14,20 +14,27 @@ the same samples, and the stream's state is just the step, so a resumed run repl
 Evaluation uses the fixed leads ``forecast.eval_lead_hours`` on the validation split (the last
 ``data.val_fraction`` of the time steps). The ``eval_iters × micro-batches`` evaluation batches are
 spread round-robin over the leads: every lead sees the same initial times, taken evenly over
-the validation window. Each batch adds to :class:`~megatron_dchag.metrics.ForecastMetrics`, on
+the validation window. When more batches are asked for than the window has initial times, the
+stream cycles, but a forecast (lead, initial time) counts in the metrics once: the counts reported
+(``forecasts/<lead>h`` in the eval record, the table's header) are distinct initial times per lead.
+Each batch adds to :class:`~megatron_dchag.metrics.ForecastMetrics`, on
 **denormalized** values, the latitude-weighted RMSE / MSE / ACC of the model and the persistence
 and climatology RMSE of the variables ``forecast.metric_variables`` that the rank predicts; DP
 ranks sum their state, TP ranks (which own different variables) gather theirs, the last pipeline
 stage sends the result to rank 0. The eval record of ``metrics.jsonl`` gets keys
 ``<metric>/<variable>/<lead>h`` (e.g. ``rmse/z_500/24h``, ``acc/t_850/72h``,
 ``persistence_rmse/z_500/6h``) and ``<log-dir>/forecast_metrics.md`` a markdown table.
+
+Before any compute, :meth:`ERA5ForecastTask.prepare` warns (one line, rank 0) when the statistics
+file's time range includes validation times (its climatology saw the validation period).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional
+import sys
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -95,6 +102,7 @@ class ERA5ForecastTask(Task):
         self._eval_dataset = None
         self._metrics = None
         self._metric_local: Optional[torch.Tensor] = None
+        self._forecasts_seen: Set[Tuple[int, int]] = set()  # (lead, initial time index) in this evaluation
 
     # -- set-up -------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -117,7 +125,7 @@ class ERA5ForecastTask(Task):
             raise ConfigError(f"forecast.metric_variables {missing} are not predicted (not in the output channels)")
         self.metric_names = metric_names
         try:
-            ds = open_era5(d.data_path)
+            ds = open_era5(d.data_path, ensemble_member=d.ensemble_member)
         except (ValueError, KeyError) as exc:
             raise _data_error(exc, f"data.data_path '{d.data_path}'") from None
         grid = (ds.sizes.get(LAT_DIM, 0), ds.sizes.get(LON_DIM, 0))
@@ -133,6 +141,18 @@ class ERA5ForecastTask(Task):
                 ERA5Dataset(d.data_path, **self._dataset_kwargs(split), cache=False, **kwargs)
             except (ValueError, KeyError) as exc:
                 raise _data_error(exc, f"data ({split} split)") from None
+        self._warn_if_statistics_saw_validation(ds)
+
+    def _warn_if_statistics_saw_validation(self, ds) -> None:
+        """One ``warning:`` line on rank 0 when the statistics cover validation times."""
+        from megatron_dchag.data.era5.naming import TIME_DIM
+        from megatron_dchag.data.era5.statistics import load_era5_stats, validation_overlap
+
+        d = self.cfg.data
+        overlap = validation_overlap(load_era5_stats(d.stats_file), ds[TIME_DIM].values, d.val_fraction)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if overlap and rank == 0:
+            print(f"warning: data.stats_file '{d.stats_file}': {overlap}", file=sys.stderr, flush=True)
 
     def _dataset_kwargs(self, split: str) -> Dict[str, Any]:
         d, fc = self.cfg.data, self.cfg.forecast
@@ -147,6 +167,7 @@ class ERA5ForecastTask(Task):
             split=split,
             val_fraction=d.val_fraction,
             seed=self.cfg.training.seed,
+            ensemble_member=d.ensemble_member,
         )
 
     def build_model(self, pre_process: bool = True, post_process: bool = True) -> torch.nn.Module:
@@ -200,6 +221,7 @@ class ERA5ForecastTask(Task):
         self._metrics = ForecastMetrics([names[i] for i in local], leads,
                                         latitude_weights(dataset.latitudes, fc.latitude_weighting),
                                         centered_acc=fc.acc_centered)
+        self._forecasts_seen = set()
         self._output_input_index = model.output_input_index.cpu()
         return ForecastEvalStream(dataset, batches, num_workers=self.cfg.data.num_workers)
 
@@ -222,6 +244,18 @@ class ERA5ForecastTask(Task):
     def _update_metrics(self, prediction: torch.Tensor, batch: Dict[str, Any]) -> None:
         if self._metrics is None or self._metric_local is None or not len(self._metric_local):
             return
+        # A forecast the cycling stream repeats counts once.
+        rows = []
+        for row, pair in enumerate(zip(batch["lead_time_hours"].round().long().tolist(), batch["time_index"].tolist())):
+            if pair not in self._forecasts_seen:
+                self._forecasts_seen.add(pair)
+                rows.append(row)
+        if not rows:
+            return
+        if len(rows) < prediction.shape[0]:
+            keep = torch.tensor(rows, dtype=torch.long)
+            prediction = prediction.index_select(0, keep.to(prediction.device))
+            batch = {k: v.index_select(0, keep) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         ds, idx = self._eval_dataset, self._metric_local
         mean, std = ds.output_mean[idx][:, None, None].double(), ds.output_std[idx][:, None, None].double()
         pred = prediction.double().cpu()[:, idx] * std + mean
@@ -268,12 +302,11 @@ class ERA5ForecastTask(Task):
     def evaluate_extra(self, model, step: int) -> Dict[str, Any]:
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         flat: Dict[str, float] = {}
-        counts: Dict[str, int] = {}
+        counts: Dict[int, int] = {}  # lead -> distinct initial times
         if last_stage and self._metrics is not None:
             self._metrics.all_reduce(parallel_state.get_data_parallel_group())
             for lead, per in self._metrics.compute().items():
-                for name, entry in per.items():
-                    counts[name] = entry["num_samples"]
+                counts[lead] = max(entry["num_samples"] for entry in per.values())
             flat = self._metrics.flat()
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             parts: List[Any] = [None] * parallel_state.get_tensor_model_parallel_world_size()
@@ -281,13 +314,15 @@ class ERA5ForecastTask(Task):
             flat, counts = {}, {}
             for f, c in parts:
                 flat.update(f)
-                counts.update(c)
+                for lead, n in c.items():
+                    counts[lead] = max(n, counts.get(lead, 0))
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             box = [(flat, counts)]
             src = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())[-1]
             dist.broadcast_object_list(box, src=src, group=parallel_state.get_pipeline_model_parallel_group())
             flat, counts = box[0]
         ordered = self._ordered(flat)
+        ordered.update({f"forecasts/{lead}h": counts[lead] for lead in sorted(counts)})
         if dist.get_rank() == 0:
             table = self.markdown_table(ordered, step, counts)
             log_dir = self.cfg.training.log_dir or self.cfg.training.save
@@ -310,16 +345,21 @@ class ERA5ForecastTask(Task):
                         out[key] = flat[key]
         return out
 
-    def markdown_table(self, metrics: Dict[str, float], step: int, counts: Dict[str, int]) -> str:
+    def markdown_table(self, metrics: Dict[str, float], step: int, counts: Dict[int, int]) -> str:
+        """The metrics table; ``counts``: lead (hours) -> distinct initial times evaluated."""
         from megatron_dchag.data.era5.naming import parse_channel
 
         fc = self.cfg.forecast
-        n = max(counts.values()) if counts else 0
+        if counts and len(set(counts.values())) == 1:
+            forecasts = f"{next(iter(counts.values()))} forecasts per lead time (distinct initial times, the same at every lead)"
+        else:
+            forecasts = "forecasts (distinct initial times) per lead time: " + (
+                ", ".join(f"{n} at {lead}h" for lead, n in sorted(counts.items())) or "none")
         lines = [
             f"# Forecast metrics at step {step}",
             "",
-            f"Validation split of `{self.cfg.data.data_path}`, {n} forecasts per lead time (the same initial times at "
-            f"every lead). Latitude-weighted ({fc.latitude_weighting}) over the globe, physical units; RMSE is the mean "
+            f"Validation split of `{self.cfg.data.data_path}`, {forecasts}. "
+            f"Latitude-weighted ({fc.latitude_weighting}) over the grid, physical units; RMSE is the mean "
             f"over forecasts of the per-forecast RMSE; ACC is {'centered' if fc.acc_centered else 'uncentered'} "
             "against the statistics file's climatology. Skill = 1 - RMSE / persistence RMSE.",
             "",

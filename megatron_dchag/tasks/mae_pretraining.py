@@ -6,6 +6,15 @@ Micro-batches are drawn by a resumable, seeded sampler over data-parallel ranks;
 mask of a sample is a pure function of ``(seed, epoch, sample index)``, so every TP rank of a DP
 rank masks the same patches and a resumed run repeats the same masks. ``data.num_workers``
 background processes read the crops and build the micro-batches (:mod:`~megatron_dchag.data.loader`).
+
+Before any model is built, :meth:`HyperspectralMAETask.prepare` checks the data against the run:
+the split (``data.val_fraction`` / ``data.val_files`` / ``data.test_files``) leaves cubes to train
+and, when the run evaluates, to validate on; under ``data.nodata=error`` no cube the statistics
+file records as holding missing values is used; and it notes (:meth:`~HyperspectralMAETask.data_warnings`)
+statistics that were computed over validation or test cubes. Under ``data.nodata=mask`` each
+micro-batch carries a validity mask to the loss. Every training micro-batch's cubes and their
+largest input values are noted, so that a non-finite step names them
+(:meth:`~HyperspectralMAETask.take_step_inputs`).
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ from megatron.core import parallel_state
 
 from megatron_dchag.config import ConfigError, ExperimentConfig, RunShape, run_shape
 from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset
-from megatron_dchag.data.hyperspectral.discovery import list_cube_files, scan_cubes
+from megatron_dchag.data.hyperspectral.discovery import scan_cubes
+from megatron_dchag.data.hyperspectral.nodata import check_recorded_missing
+from megatron_dchag.data.hyperspectral.splits import SplitOptions, split_collection
+from megatron_dchag.data.hyperspectral.statistics import coverage_warning, load_channel_stats
 from megatron_dchag.data.loader import MicroBatchLoader, MicroBatchPlan
 from megatron_dchag.data.sampler import DistributedResumableSampler
 from megatron_dchag.device import batch_to_device
@@ -55,15 +67,16 @@ class SamplerPlan(MicroBatchPlan):
 
 
 class MaskedCubeBatch:
-    """``(epoch, index)`` keys -> the micro-batch ``{"images", "visible", "masked", "index"}`` (a pure
-    function of the keys: crops and masks are seeded by ``(seed, epoch, index)``)."""
+    """``(epoch, index)`` keys -> the micro-batch ``{"images", "visible", "masked", "index"}``, plus
+    ``"valid"`` under ``data.nodata=mask`` (a pure function of the keys: crops and masks are seeded
+    by ``(seed, epoch, index)``)."""
 
     def __init__(self, dataset: HyperspectralDataset, num_patches: int, mask_ratio: float, seed: int):
         self.dataset = dataset
         self.num_patches, self.mask_ratio, self.seed = num_patches, mask_ratio, seed
 
     def __call__(self, keys: List[Tuple[int, int]]) -> Dict[str, torch.Tensor]:
-        images, visible, masked, indices = [], [], [], []
+        images, visible, masked, indices, valid = [], [], [], [], []
         for epoch, index in keys:
             item = self.dataset[(epoch, index)]
             vis, msk = random_patch_mask(self.num_patches, self.mask_ratio, 1, mask_generator(self.seed, epoch, index))
@@ -71,12 +84,17 @@ class MaskedCubeBatch:
             visible.append(vis[0])
             masked.append(msk[0])
             indices.append(index)
-        return {
+            if "valid" in item:
+                valid.append(item["valid"])
+        batch = {
             "images": torch.stack(images),
             "visible": torch.stack(visible),
             "masked": torch.stack(masked),
             "index": torch.tensor(indices),
         }
+        if valid:
+            batch["valid"] = torch.stack(valid)
+        return batch
 
 
 class MaskedCubeStream(MicroBatchLoader):
@@ -96,24 +114,46 @@ class HyperspectralMAETask(Task):
     def __init__(self, cfg: ExperimentConfig):
         super().__init__(cfg)
         self.wavelengths: Optional[np.ndarray] = None
+        self._warnings: List[str] = []
+        self._train_files: List[str] = []  # the train stream's cubes, by dataset index
+        self._input_channel_start = 0
+        self._step_inputs: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _split_options(self) -> SplitOptions:
+        d = self.cfg.data
+        return SplitOptions(val_fraction=d.val_fraction, val_files=d.val_files, test_files=d.test_files)
 
     def _dataset_kwargs(self) -> Dict[str, Any]:
         d = self.cfg.data
         return dict(
             crop_size=tuple(self.cfg.model.image_size), num_channels_expected=self.cfg.model.num_channels,
             stats_file=d.stats_file, dataset_name=d.dataset_name, layout=d.layout, file_format=d.file_format,
-            val_fraction=d.val_fraction, seed=self.cfg.training.seed,
+            val_fraction=d.val_fraction, val_files=d.val_files, test_files=d.test_files, nodata=d.nodata,
+            seed=self.cfg.training.seed,
         )
 
     def prepare(self) -> None:
-        d, m = self.cfg.data, self.cfg.model
+        d, m, tr = self.cfg.data, self.cfg.model, self.cfg.training
         if not d.data_path:
             raise ConfigError("data.data_path is not set (give --data-path DIR or data.data_path=DIR)")
         if not os.path.exists(d.data_path):
             raise ConfigError(f"data.data_path '{d.data_path}' does not exist")
-        files = list_cube_files(d.data_path, d.file_format)
-        collection = scan_cubes(files, dataset_name=d.dataset_name, layout=d.layout, file_format=d.file_format,
+        split = split_collection(d.data_path, d.file_format, self._split_options())
+        used: List[Any] = []
+        if not tr.skip_train:
+            used += split.require("train")
+        if tr.eval_iters > 0:
+            used += split.require("val", fix="or train without evaluation with --eval-iters 0")
+        collection = scan_cubes(split.all, dataset_name=d.dataset_name, layout=d.layout, file_format=d.file_format,
                                 num_channels_expected=m.num_channels, min_spatial_shape=tuple(m.image_size))
+        if d.stats_file:
+            stats = load_channel_stats(d.stats_file, num_channels_expected=collection.num_channels)
+            if d.nodata == "error":
+                check_recorded_missing(stats, used, d.stats_file)
+            warning = coverage_warning(stats, split, d.stats_file, "recompute it on the run's training split with "
+                                       "dchag-compute-stats --config <this run's config> (its default split)")
+            if warning:
+                self._warnings.append(warning)
         self.wavelengths = collection.wavelengths
         if m.wavelengths is None and self.wavelengths is not None:
             # Recorded in the resolved config (and so in every checkpoint): the model can be rebuilt
@@ -136,10 +176,16 @@ class HyperspectralMAETask(Task):
         """The encoder's visible tokens ``(L_visible, D)`` travel between pipeline stages."""
         return (self._shape().visible_patches, self.cfg.model.hidden_size)
 
+    def data_warnings(self) -> List[str]:
+        return list(self._warnings)
+
     def _stream(self, model: MaskedAutoencoder, split: str, dp_rank: int, dp_size: int, shuffle: bool) -> MaskedCubeStream:
         dataset = HyperspectralDataset(
             self.cfg.data.data_path, channel_range=model.input_channel_range, split=split, **self._dataset_kwargs()
         )
+        if split == "train":
+            self._train_files = [str(p) for p in dataset.files]
+            self._input_channel_start = model.input_channel_range[0]
         if len(dataset) < dp_size:
             raise ConfigError(
                 f"the {split} split of data.data_path has {len(dataset)} cubes, fewer than the data-parallel size {dp_size}"
@@ -160,8 +206,11 @@ class HyperspectralMAETask(Task):
         return self._stream(model, "val", dp_rank, dp_size, shuffle=False)
 
     def forward_step(self, data_iterator, model):
-        batch = batch_to_device(next(data_iterator))
-        out = model(batch["images"], batch["visible"], batch["masked"])
+        raw = next(data_iterator)
+        batch = batch_to_device(raw)
+        if model.training:
+            self._note_step_inputs(raw["index"], batch["images"])
+        out = model(batch["images"], batch["visible"], batch["masked"], batch.get("valid"))
         if isinstance(out, torch.Tensor):  # not the last pipeline stage: hidden states for the next one
             return out, None
         loss, baseline = out[0], out[3]
@@ -171,6 +220,25 @@ class HyperspectralMAETask(Task):
             return output_tensor, reported
 
         return loss, loss_func
+
+    def _note_step_inputs(self, index: torch.Tensor, images: torch.Tensor) -> None:
+        """Keep, per sample, its largest |input| and that channel (on the device: no sync here)."""
+        flat = images.detach().reshape(images.shape[0], images.shape[1], -1)
+        peak = torch.maximum(flat.amax(-1), -flat.amin(-1))  # [B, c]; NaN where the input has one
+        peak = torch.nan_to_num(peak, nan=float("inf"))
+        value, channel = peak.max(dim=1)
+        self._step_inputs.append((index.clone(), value, channel))
+
+    def take_step_inputs(self) -> List[Tuple[float, str, str]]:
+        """The cubes of the training micro-batches forwarded since the last call, each with its
+        largest |input| (normalized) and the channel holding it."""
+        noted, self._step_inputs = self._step_inputs, []
+        found = []
+        for index, value, channel in noted:
+            for i, v, c in zip(index.tolist(), value.tolist(), channel.tolist()):
+                name = self._train_files[i] if 0 <= i < len(self._train_files) else f"sample {i}"
+                found.append((v, name, f"{name} channel {self._input_channel_start + c} (largest |input| {v:.3g})"))
+        return found
 
     def flops_per_sample(self) -> float:
         """Encoder on the visible patches + decoder on all patches + head on the masked ones, x3."""

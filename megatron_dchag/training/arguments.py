@@ -2,15 +2,23 @@
 
 Precedence, lowest to highest: the YAML file, ``section.field=value`` overrides, then the
 Megatron-style flags (``--lr 3e-4`` is the same as ``training.lr=3e-4`` given last).
+
+``--skip-train --load RUN`` without ``--config`` evaluates with the config the run was trained
+with (its checkpoint's ``config.yaml``, else ``RUN/config.yaml``) in place of the YAML file, so a
+run trained with overrides evaluates without repeating them; overrides and flags still apply on
+top (e.g. ``--tensor-model-parallel-size 1 --log-dir DIR``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from megatron_dchag.config import ExperimentConfig, load_config
+import yaml
+
+from megatron_dchag.config import ConfigError, ExperimentConfig, load_config
 
 # flag -> (config path, type). Types: int, float, str, "bool" (store_true).
 MEGATRON_FLAGS = {
@@ -80,6 +88,30 @@ def flag_overrides(namespace: argparse.Namespace) -> List[str]:
     return out
 
 
+# The saved run's own outputs and mode: an evaluation of it writes only where its flags say.
+_RUN_ONLY_FIELDS = ("save", "load", "log_dir", "skip_train", "finetune", "save_interval", "exit_duration_in_mins")
+
+
+def saved_run_config(load: str) -> Tuple[Dict[str, Any], str]:
+    """``(config tree, where it was read)``: the config the run at ``load`` was trained with, its
+    checkpoint's ``config.yaml``, else ``load/config.yaml``; without the fields of
+    :data:`_RUN_ONLY_FIELDS`."""
+    from megatron_dchag.training.checkpointing import read_checkpoint_config, resolve_checkpoint_dir
+
+    checkpoint = resolve_checkpoint_dir(load)  # CheckpointError when there is no checkpoint to load
+    tree, where = read_checkpoint_config(checkpoint), os.path.join(checkpoint, "config.yaml")
+    if tree is None and os.path.isfile(os.path.join(load, "config.yaml")):
+        where = os.path.join(load, "config.yaml")
+        with open(where) as fh:
+            tree = yaml.safe_load(fh)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--skip-train --load {load}: the run saved no config (looked for {where}); give --config")
+    training = dict(tree.get("training") or {})
+    for name in _RUN_ONLY_FIELDS:
+        training.pop(name, None)
+    return dict(tree, training=training), where
+
+
 def parse_run_arguments(
     argv: Sequence[str], description: str, world_size: Optional[int] = None,
     workload_sections: Optional[Sequence[str]] = None,
@@ -88,9 +120,16 @@ def parse_run_arguments(
     ``workload_sections``: the config sections of the workload (``Task.config_sections``)."""
     ns = build_parser(description).parse_intermixed_args(list(argv))
     overrides = list(ns.overrides) + flag_overrides(ns)
-    cfg = load_config(ns.config, overrides, world_size=world_size, workload_sections=workload_sections)
-    return RunArguments(config=cfg, config_path=ns.config, overrides=overrides, debug=ns.debug)
+    base, base_path = None, None
+    if ns.config is None and ns.skip_train and ns.load:
+        base, base_path = saved_run_config(ns.load)
+    try:
+        cfg = load_config(ns.config, overrides, world_size=world_size, workload_sections=workload_sections,
+                          base=base)
+    except ConfigError as exc:
+        if base_path is None:
+            raise
+        raise ConfigError(f"{exc} (with the config saved by the run, {base_path}; flags and overrides apply on top, "
+                          "or give --config)") from None
+    return RunArguments(config=cfg, config_path=ns.config or base_path, overrides=overrides, debug=ns.debug)
 
-
-def wants_debug(argv: Sequence[str]) -> bool:
-    return "--debug" in argv

@@ -47,7 +47,7 @@ class TrainingComponents:
     virtual stage); ``forward_backward`` is megatron's schedule for the layout; ``model_config`` is
     the chunks' shared ``TransformerConfig``, carrying the schedule hooks."""
 
-    models: List[DistributedDataParallel]
+    models: List[torch.nn.Module]
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     forward_backward: Callable

@@ -49,6 +49,16 @@ def report_user_error(exc: BaseException) -> int:
     return EXIT_BAD_INPUT
 
 
+def report_data_warnings(task: Task) -> None:
+    """Print each of the task's data warnings as one ``warning:`` line on stderr (rank 0 only)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    for line in task.data_warnings():
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
 def _quiet_shutdown() -> None:
     """After a user error, keep the one ``error:`` line the only output: libraries whose reads were
     cut short (zarr's asyncio tasks, for one) otherwise log "Task was destroyed but it is
@@ -81,6 +91,7 @@ def run_entry_point(
         task = task_factory(cfg)
         start_time = time.time()
         task.prepare()  # the data checks, before any model is built
+        report_data_warnings(task)
         components = build_training_components(cfg, task)
         Trainer(cfg, task, components, fault_hook=fault_hook, start_time=start_time).run()
         destroy_distributed()

@@ -28,6 +28,7 @@ from megatron_dchag.config import (
     dump_config,
     resolve_config,
     run_shape,
+    summarize_config,
 )
 from megatron_dchag.tasks.base import Task
 from megatron_dchag.training import fault_injection
@@ -74,6 +75,12 @@ class _StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _first_few(items: List[str], shown: int = 3) -> str:
+    """``a, b, c and 4 more`` for a message that must stay one line."""
+    text = ", ".join(items[:shown])
+    return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _any_rank(flag: bool) -> bool:
@@ -232,6 +239,19 @@ class Trainer:
         count = values[-1].item() or 1.0
         return {k: values[i].item() / count for i, k in enumerate(keys)}
 
+    def _nonfinite_step_inputs(self, noted: List[Any]) -> List[str]:
+        """What the micro-batches of a non-finite step held, over all ranks: each key (a cube) once
+        with its highest-scoring description (largest input first; NaN counts as infinite)."""
+        gathered: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, noted)
+        best: Dict[str, Any] = {}
+        for rank_noted in gathered:
+            for score, key, text in rank_noted or []:
+                score = math.inf if math.isnan(score) else score
+                if key not in best or score > best[key][0]:
+                    best[key] = (score, text)
+        return [text for _, text in sorted(best.values(), key=lambda entry: -entry[0])]
+
     def _grads_finite(self) -> bool:
         finite = True
         for m in self.models:
@@ -300,7 +320,7 @@ class Trainer:
             lambda: self.task.train_stream(self._unwrapped(), self.dp_rank, self.dp_size))
         if tr.eval_iters > 0:
             self._first_eval_streams = self._eval_streams()
-        self.logger.info("resolved config:\n" + dump_config(cfg))
+        self.logger.info("resolved config (long lists shortened; config.yaml has them whole):\n" + summarize_config(cfg))
         self.logger.info(self.channel_layout())
         if self.rank == 0 and self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
@@ -330,6 +350,7 @@ class Trainer:
                     m.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 records = self._run_microbatches(streams, False, self.num_microbatches, iteration + 1)
+                step_inputs = self.task.take_step_inputs()
                 losses = self._reduce_losses(records)
                 loss = losses.get("loss", float("nan"))
                 finite = math.isfinite(loss) and self._grads_finite()
@@ -339,14 +360,17 @@ class Trainer:
                 if not finite:
                     consecutive_bad += 1
                     iteration += 1
+                    inputs = self._nonfinite_step_inputs(step_inputs)
+                    held = f"; its micro-batches held {_first_few(inputs)}" if inputs else ""
                     self.logger.record("skip", iteration, loss=loss, reason="non-finite loss or gradient",
-                                       consecutive=consecutive_bad)
+                                       consecutive=consecutive_bad, inputs=inputs)
                     self.logger.info(f"step {iteration}: non-finite loss/gradient, update skipped "
-                                     f"({consecutive_bad} in a row)")
+                                     f"({consecutive_bad} in a row){held}")
                     if consecutive_bad >= tr.max_consecutive_nonfinite:
                         raise TrainingStopped(
                             f"{consecutive_bad} consecutive non-finite steps (limit "
                             f"training.max_consecutive_nonfinite={tr.max_consecutive_nonfinite})"
+                            + (f"; the last one's micro-batches held {_first_few(inputs)}" if inputs else "")
                         )
                     continue
                 consecutive_bad = 0
@@ -368,7 +392,7 @@ class Trainer:
                     )
                     self.logger.info(format_train_line(rec))
                     window_start, window_steps, window_losses = time.time(), 0, []
-                if tr.eval_interval and iteration % tr.eval_interval == 0:
+                if tr.eval_iters and tr.eval_interval and iteration % tr.eval_interval == 0:
                     last_eval = self.evaluate(iteration)
                 if tr.save_interval and iteration % tr.save_interval == 0:
                     self._save(iteration, stream)

@@ -1,4 +1,9 @@
-"""tools/benchmark.py and tools/estimate_memory.py end to end on a tiny case (2 gloo processes)."""
+"""tools/benchmark.py and tools/estimate_memory.py end to end on a tiny case (2 gloo processes).
+
+The benchmark trains through the shared builder (megatron DDP, megatron optimizer); the tests check
+its JSON schema, that the memory split names DDP's gradient buffer, the markdown, the PNG, the
+channel-stage implementations of a linear tree, and the memory model's check against its output.
+"""
 
 import json
 import os
@@ -7,13 +12,16 @@ import sys
 
 import pytest
 
+from megatron_dchag.cli.benchmark import SCHEMA_VERSION
 from tests.limits import RUN_TIMEOUT_S, SHORT_TIMEOUT_S
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECORD_KEYS = {"strategy", "layer", "tree", "tp", "channels", "peak_mem_bytes", "step_time_s", "samples_per_s",
                "tflops", "mem_breakdown", "status", "reason", "label", "channel_groups", "step_times_s",
-               "peak_mem_bytes_per_rank", "flops_per_step"}
+               "peak_mem_bytes_per_rank", "flops_per_step", "channel_stage_impl", "channel_stage", "framework"}
 BREAKDOWN_KEYS = {"parameters", "gradients", "optimizer", "activations", "temp", "inputs"}
+LABELS = ["tp_baseline", "dchag-L-tree[]-auto", "dchag-L-tree[]-reference", "dchag-L-tree[8]-auto",
+          "dchag-L-tree[8]-reference", "dchag-C-tree[]", "dchag-C-tree[8]"]
 
 
 def _run(args, timeout=RUN_TIMEOUT_S):
@@ -27,9 +35,9 @@ def bench(tmp_path_factory):
     paths = {k: str(out / f"bench.{k}") for k in ("json", "md", "png")}
     res = _run(["tools/benchmark.py", "--tp", "2", "--channels", "16", "--image-size", "16", "32", "--patch-size", "4",
                 "--hidden-size", "32", "--num-heads", "2", "--num-layers", "1", "--micro-batch-size", "2",
-                "--strategies", "tp_baseline", "dchag", "--layers", "cross_attention",
-                "--trees", "[]", "[8]", "--steps", "2", "--warmup", "0", "--threads", "1",
-                "--json", paths["json"], "--markdown", paths["md"], "--plot", paths["png"]])
+                "--strategies", "tp_baseline", "dchag", "--layers", "linear", "cross_attention",
+                "--trees", "[]", "[8]", "--channel-stage-impl", "auto", "reference", "--steps", "2", "--warmup", "0",
+                "--threads", "1", "--json", paths["json"], "--markdown", paths["md"], "--plot", paths["png"]])
     assert res.returncode == 0, res.stderr[-3000:]
     with open(paths["json"]) as fh:
         return json.load(fh), paths, res.stdout
@@ -37,15 +45,16 @@ def bench(tmp_path_factory):
 
 def test_json_schema(bench):
     doc, _, _ = bench
-    assert doc["kind"] == "benchmark" and doc["schema_version"] == 1
+    assert doc["kind"] == "benchmark" and doc["schema_version"] == SCHEMA_VERSION == 2
     assert doc["config"]["image_size"] == [16, 32] and doc["machine"]["backend"] in ("gloo", "nccl")
+    assert doc["config"]["framework"] == "megatron" and doc["config"]["channel_stage_impls"] == ["auto", "reference"]
+    assert doc["command"].startswith("python tools/benchmark.py --tp 2")
     records = doc["records"]
-    labels = [r["label"] for r in records]
-    assert labels == ["tp_baseline", "dchag-C-tree[]", "dchag-C-tree[8]"]
+    assert [r["label"] for r in records] == LABELS
     for r in records:
         assert RECORD_KEYS <= set(r), set(RECORD_KEYS) - set(r)
-        assert r["tp"] == 2 and r["channels"] == 16 and r["channel_groups"] == 2
-        if r["label"].endswith("[8]"):
+        assert r["tp"] == 2 and r["channels"] == 16 and r["channel_groups"] == 2 and r["framework"] == "megatron"
+        if "[8]" in r["label"]:
             # groups of 8 channels cannot be cut into chunks of 8: reported, not run
             assert r["status"] == "skipped" and "aggregation_tree" in r["reason"]
             assert r["peak_mem_bytes"] is None
@@ -62,16 +71,34 @@ def test_json_schema(bench):
     assert by["dchag-C-tree[]"]["input_channels_per_rank"] == [[0, 8], [8, 16]]
     assert by["tp_baseline"]["input_channels_per_rank"] == [[0, 16], [0, 16]]
     assert by["dchag-C-tree[]"]["mem_breakdown"]["inputs"] * 2 == by["tp_baseline"]["mem_breakdown"]["inputs"]
+    # the channel-stage implementation is set per case: auto fuses a linear tree, reference does not
+    assert by["dchag-L-tree[]-auto"]["channel_stage"] == "fused"
+    assert by["dchag-L-tree[]-reference"]["channel_stage"] == "reference"
+    assert by["dchag-C-tree[]"]["channel_stage"] == "reference" and by["tp_baseline"]["channel_stage_impl"] == "auto"
+
+
+def test_trains_with_the_megatron_optimizer_and_ddp_buffers(bench):
+    doc, _, _ = bench
+    for r in (r for r in doc["records"] if r["status"] == "ok"):
+        assert r["optimizer_class"] == "torch.optim.adamw.AdamW" and r["adam_impl"] == "torch"  # megatron's CPU fallback
+        bd = r["mem_breakdown"]
+        # fp32: DDP's fp32 main_grad buffer holds a gradient of every parameter all step long; no main copies
+        assert r["grad_buffer_bytes"] > 0 and bd["gradients"] >= r["grad_buffer_bytes"]
+        assert r["main_param_bytes"] == 0
+        # Adam's two moments of every parameter (the step counters are a few bytes)
+        assert bd["optimizer"] >= 2 * r["grad_buffer_bytes"]
 
 
 def test_markdown_and_plot(bench):
     _, paths, stdout = bench
     with open(paths["md"]) as fh:
         md = fh.read()
-    assert "| TP | C | strategy |" in md and "mem vs TP" in md
+    assert "| TP | C | strategy | layer | tree | channel stage |" in md and "mem vs TP" in md
     rows = [line for line in md.splitlines() if line.startswith("| 2 | 16 |")]
-    assert len(rows) == 2
-    assert rows[0].split("|")[7].strip() == "100.0%"  # tp_baseline against itself
+    assert len(rows) == 4
+    cells = [[c.strip() for c in row.split("|")] for row in rows]
+    assert cells[0][3] == "tp_baseline" and cells[0][8] == "100.0%"  # tp_baseline against itself
+    assert [c[6] for c in cells] == ["reference", "fused (auto)", "reference", "reference"]
     assert "Cases not run:" in md and "skipped" in md
     assert md.strip() in stdout or "| TP | C | strategy |" in stdout
     with open(paths["png"], "rb") as fh:
@@ -79,11 +106,20 @@ def test_markdown_and_plot(bench):
     assert not [f for f in os.listdir(os.path.dirname(paths["md"])) if f.startswith(".tmp-")]  # atomic writes
 
 
+def test_renders_from_json(bench, tmp_path):
+    _, paths, _ = bench
+    md = tmp_path / "again.md"
+    res = _run(["tools/benchmark.py", "--from-json", paths["json"], "--markdown", str(md)], timeout=SHORT_TIMEOUT_S)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(paths["md"]) as fh:
+        assert md.read_text() == fh.read()
+
+
 def test_memory_model_checks_against_the_benchmark(bench):
     _, paths, _ = bench
     res = _run(["tools/estimate_memory.py", "--check-against", paths["json"]], timeout=SHORT_TIMEOUT_S)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "2 of 2 cases within 15%" in res.stdout, res.stdout
+    assert "4 of 4 cases within 15%" in res.stdout, res.stdout
 
 
 def test_tokenizer_bench_schema(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from tests.limits import RUN_TIMEOUT_S
 
-from tests.integration.conftest import (REPO, TINY_MAE, free_port, read_metrics, run_script, train_losses,
+from tests.integration.conftest import (REPO, TINY_MAE, read_metrics, run_script, train_losses,
                                         wait_for_step)
 
 

@@ -27,7 +27,8 @@ def era5_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("era5")
     data, stats = root / "synth.zarr", root / "stats.npz"
     synth.write_era5(synth.generate_synthetic_era5(days=30, resolution=11.25, levels=[500, 850]), data)
-    stats_tool.save_era5_stats(stats, stats_tool.compute_era5_stats(str(data), log=lambda *a: None))
+    # over the train split of tiny.yaml's data.val_fraction, as compute_era5_stats --config tiny.yaml computes it
+    stats_tool.save_era5_stats(stats, stats_tool.compute_era5_stats(str(data), log=lambda *a: None, val_fraction=0.2))
     return dict(data=str(data), stats=str(stats))
 
 

@@ -191,3 +191,28 @@ def test_cross_attention_level_matches_explicit_attention():
         start += length
     # float64, folded vs explicit keys/values: FLOAT64_REL (1e-10) of the largest output.
     assert_close_scaled(out, torch.stack(rows), FLOAT64_REL, "folded vs explicit attention")
+
+
+def test_linear_tree_path_weights_are_the_products_along_each_path():
+    """A linear tree = one weight per channel: the product of the level weights from the channel
+    to its group token (what the fused channel stage folds into the patch embeddings)."""
+    from megatron_dchag.layers.aggregation import PartialChannelAggregation
+
+    torch.manual_seed(0)
+    plan = ChannelGroupPlan(13, 2)  # groups of 7 and 6; tree [3]: chunks [3, 2, 2] and [3, 3]
+    tree = PartialChannelAggregation(plan, sharded=False, tree=[3], layer_kind="linear", hidden_size=8,
+                                     num_heads=2, seed=0).double()
+    with torch.no_grad():
+        for p in tree.parameters():
+            p.normal_()
+    w, group_of_channel = tree.path_weights()
+    chunk_of_channel = [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4]
+    level0, level1 = tree.levels[0].weight, tree.levels[1].weight
+    assert group_of_channel.tolist() == [0] * 7 + [1] * 6
+    assert torch.equal(w, torch.stack([level0[c] * level1[chunk_of_channel[c]] for c in range(13)]))
+    x = torch.randn(13, 3, 2, 8, dtype=torch.float64)
+    expected = torch.stack([(w[group_of_channel == g].view(-1, 1, 1, 1) * x[group_of_channel == g]).sum(0)
+                            for g in range(2)])
+    assert_close_scaled(tree(x), expected, FLOAT64_REL, "tree vs path weights")
+    with pytest.raises(ValueError, match="needs a linear tree"):
+        PartialChannelAggregation(plan, False, [3], "cross_attention", 8, 2, seed=0).path_weights()

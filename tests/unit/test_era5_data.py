@@ -273,7 +273,7 @@ def test_stats_tool_matches_numpy(tmp_path):
     synth.write_era5(data, tmp_path / "d.nc", "netcdf")
     out = tmp_path / "stats.nc"
     rc = stats_tool.main(["--data-path", str(tmp_path / "d.nc"), "--out", str(out), "--channels", "z_500", "t2m", "lsm",
-                          "--time-chunk", "7"])
+                          "--time-chunk", "7", "--all-times"])
     assert rc == 0
     stats = load_era5_stats(out)
     assert stats.channels == ["z_500", "t2m", "lsm"]

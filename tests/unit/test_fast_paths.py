@@ -5,7 +5,8 @@
 - the folded final cross-attention equals the textbook one (explicit keys/values), forward and all
   gradients, and its backward holds far less memory;
 - activation recompute of the channel stage gives the same gradients for every parameter (the
-  channel stage's included).
+  channel stage's included), on the reference path (cross-attention tree) and the fused one
+  (linear tree; the fused stage itself is tested in test_fused_channel_stage.py).
 """
 
 import torch
@@ -80,23 +81,27 @@ def _final_and_recompute_checks():
             layer(big).square().sum().backward()
         peaks[folded] = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
 
-    # Channel-stage recompute: identical gradients for every parameter.
-    model_cfg = ModelConfig(num_channels=12, channel_groups=2, image_size=(8, 16), patch_size=4, hidden_size=16,
-                            num_layers=1, num_attention_heads=2, strategy="dchag", aggregation_layer="cross_attention",
-                            aggregation_tree=[3])
+    # Channel-stage recompute: identical gradients for every parameter, reference and fused paths.
     images = torch.randn(2, 12, 8, 16)
-    grads = {}
-    for granularity in (None, "channel_stage"):
-        torch.manual_seed(0)  # megatron's layers draw their initial weights from the global generator
-        model = build_encoder(model_cfg, training=TrainingConfig(recompute_granularity=granularity), seed=5)
-        model.train()
-        model(images).square().mean().backward()
-        grads[granularity] = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-    missing = [n for n, g in grads["channel_stage"].items() if g is None]
-    # Recompute replays the same kernels; FLOAT32_REL of the largest gradient leaves room for
-    # a different reduction order in backward.
-    same = all(max_relative_error(g, grads[None][n]) <= FLOAT32_REL for n, g in grads["channel_stage"].items()
-               if g is not None)
+    proj = torch.randn(8, 2, 16)  # a fixed projection: the normalised output's own norm has ~0 gradient
+    missing, same = [], True
+    for layer in ("cross_attention", "linear"):
+        model_cfg = ModelConfig(num_channels=12, channel_groups=2, image_size=(8, 16), patch_size=4, hidden_size=16,
+                                num_layers=1, num_attention_heads=2, strategy="dchag", aggregation_layer=layer,
+                                aggregation_tree=[3])
+        grads = {}
+        for granularity in (None, "channel_stage"):
+            torch.manual_seed(0)  # megatron's layers draw their initial weights from the global generator
+            model = build_encoder(model_cfg, training=TrainingConfig(recompute_granularity=granularity), seed=5)
+            assert model.channel_stage.fused == (layer == "linear")
+            model.train()
+            (model(images) * proj).sum().backward()
+            grads[granularity] = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+        missing += [f"{layer}: {n}" for n, g in grads["channel_stage"].items() if g is None]
+        # Recompute replays the same kernels; FLOAT32_REL of the largest gradient leaves room for
+        # a different reduction order in backward.
+        same = same and all(max_relative_error(g, grads[None][n]) <= FLOAT32_REL
+                            for n, g in grads["channel_stage"].items() if g is not None)
     return equal, peaks, missing, same
 
 

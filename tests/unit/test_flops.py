@@ -9,6 +9,7 @@ from megatron_dchag.flops import (
     cross_attention_flops,
     encoder_flops,
     flops_breakdown,
+    fused_weight_formation_flops,
     head_flops,
     tflops_per_rank,
     training_flops,
@@ -34,13 +35,22 @@ def test_tp_baseline_by_hand():
 
 
 def test_dchag_linear_two_groups_by_hand():
-    cfg = ModelConfig(strategy="dchag", aggregation_layer="linear", channel_groups=2, **TINY)
+    cfg = ModelConfig(strategy="dchag", aggregation_layer="linear", channel_groups=2, channel_stage_impl="reference",
+                      **TINY)
     parts = flops_breakdown(cfg, batch_size=1)
     assert parts["partial_aggregation"] == 2 * (2 * 2 * 4 * 8)  # two groups of 2 channels: 2 n P D each
     assert parts["final_aggregation"] == 256 + 256 + 1024 + 256  # over G = 2 group tokens
     assert parts["total"] == 1024 + 256 + 1792 + 6656
     # G defaults to the TP size
-    assert encoder_flops(ModelConfig(strategy="dchag", **TINY), 1, tensor_model_parallel_size=2) == parts["total"]
+    assert encoder_flops(ModelConfig(strategy="dchag", channel_stage_impl="reference", **TINY), 1,
+                         tensor_model_parallel_size=2) == parts["total"]
+    # Fused (the default for a linear tree): the tokenizer's products, the tree's weights folded into
+    # the patch embeddings: C (k + 2) D elementwise, whatever the batch
+    fused = flops_breakdown(ModelConfig(strategy="dchag", aggregation_layer="linear", channel_groups=2, **TINY), 1)
+    assert fused["tokenizer"] == parts["tokenizer"]
+    assert fused["partial_aggregation"] == fused_weight_formation_flops(cfg) == 4 * (4 + 2) * 8
+    assert flops_breakdown(ModelConfig(strategy="dchag", **TINY), 3, tensor_model_parallel_size=2)[
+        "partial_aggregation"] == 192
 
 
 def test_head_masking_batch_and_helpers():
@@ -63,12 +73,14 @@ def _count_with_flop_counter():
     from megatron_dchag.models.encoder import build_encoder
 
     out = []
-    cases = [("tp_baseline", "linear", []), ("dist_tokenize", "linear", []), ("dchag", "linear", [4]),
-             ("dchag", "cross_attention", [4]), ("hierarchical", "cross_attention", [])]
-    for strategy, layer, tree in cases:
+    cases = [("tp_baseline", "linear", [], "auto"), ("dist_tokenize", "linear", [], "auto"),
+             ("dchag", "linear", [4], "reference"), ("dchag", "linear", [4], "fused"),
+             ("hierarchical", "linear", [4, 2], "fused"), ("dchag", "cross_attention", [4], "auto"),
+             ("hierarchical", "cross_attention", [], "auto")]
+    for strategy, layer, tree, impl in cases:
         cfg = ModelConfig(num_channels=24, channel_groups=2, image_size=(16, 32), patch_size=4, hidden_size=32,
                           num_layers=2, num_attention_heads=4, strategy=strategy, aggregation_layer=layer,
-                          aggregation_tree=tree)
+                          aggregation_tree=tree, channel_stage_impl=impl)
         model = build_encoder(cfg)
         counter = FlopCounterMode(display=False)
         with counter:
@@ -78,11 +90,14 @@ def _count_with_flop_counter():
 
 
 def test_matches_torch_flop_counter_on_the_real_encoder():
-    """FlopCounterMode counts every matmul the code runs, but not SDPA on CPU: adding the attention
-    term 4 B s^2 D per layer back, the analytic count is exact."""
+    """FlopCounterMode counts every matmul the code runs, but not SDPA on CPU nor elementwise work:
+    adding the attention term 4 B s^2 D per layer back, and the fused stage's weight formation, the
+    analytic count is exact."""
     from tests.dist_utils import run_single
 
     for cfg, counted in run_single(_count_with_flop_counter):
         analytic = flops_breakdown(cfg, 2)["total"]
         sdpa = cfg.num_layers * 4 * 2 * cfg.num_patches**2 * cfg.hidden_size
-        assert counted + sdpa == pytest.approx(analytic, rel=1e-9), cfg.strategy  # float64 sums of integer counts
+        elementwise = fused_weight_formation_flops(cfg) if cfg.fuses_channel_stage else 0.0
+        label = (cfg.strategy, cfg.channel_stage_impl)
+        assert counted + sdpa + elementwise == pytest.approx(analytic, rel=1e-9), label  # float64 sums of integers

@@ -18,7 +18,7 @@ import torch
 from megatron_dchag.cli import compute_stats as stats_tool
 from megatron_dchag.cli import make_synthetic_hyperspectral as synth
 from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset, crop_origin
-from megatron_dchag.data.hyperspectral.discovery import list_cube_files, split_files
+from megatron_dchag.data.hyperspectral.discovery import list_cube_files
 from megatron_dchag.data.hyperspectral.formats import (
     CubeFormatError,
     CubeReadError,
@@ -34,6 +34,7 @@ from megatron_dchag.data.hyperspectral.statistics import (
     load_channel_stats,
     save_channel_stats,
 )
+from megatron_dchag.data.hyperspectral.splits import split_files
 from megatron_dchag.data.sampler import DistributedResumableSampler
 
 def _cube(c: int, h: int, w: int, dtype: str = "float32", seed: int = 0) -> np.ndarray:
@@ -278,7 +279,7 @@ def test_compute_stats_matches_numpy(tmp_path, dtype):
 
     for name in ("stats.json", "stats.npz"):
         out = tmp_path / "out" / name
-        assert stats_tool.main(["--data-path", str(root), "--out", str(out), "--quiet"]) == 0
+        assert stats_tool.main(["--data-path", str(root), "--out", str(out), "--split", "all", "--quiet"]) == 0
         loaded = load_channel_stats(out, num_channels_expected=7)
         np.testing.assert_allclose(loaded.mean, all_values.mean(axis=1), rtol=1e-6)
         np.testing.assert_allclose(loaded.std, all_values.std(axis=1), rtol=1e-6)

@@ -33,12 +33,42 @@ def test_breakdown_arithmetic_by_hand():
     # channel-stage backward: its saved tensors + the token gradient; grads of all but the channel stage
     channel_backward = params + opt + inputs + patches + tokens + final_saved + tokens + small + (1408 - 488) * 4
     forward_end = params + opt + inputs + patches + tokens + final_saved + pos * d * 16 * e + 2 * pos * d * e + small
-    optimizer_step = params + opt + inputs + params
+    # torch AdamW's step: an fp32 sqrt(v) of every parameter and one more of the largest (fc1, 256)
+    optimizer_step = params + opt + inputs + params + params + 256 * 4
     assert est.phases == {"forward_end": forward_end, "channel_backward": channel_backward,
                           "optimizer_step": optimizer_step}
-    assert (channel_backward, forward_end, optimizer_step) == (23392, 21504, 22784)
-    assert est.total == channel_backward and est.peak_phase == "channel_backward"
+    assert (channel_backward, forward_end, optimizer_step) == (23392, 21504, 29440)
+    assert est.total == optimizer_step and est.peak_phase == "optimizer_step"
     assert est.parameters + est.gradients + est.optimizer + est.inputs + est.activations == pytest.approx(est.total)
+
+
+def test_fused_channel_stage_by_hand():
+    """The same model with a linear tree over one group, fused: no patches, tokens or token
+    gradient; the group token, the final layer's terms and one block's work buffers."""
+    from megatron_dchag.layers.fused_channel_stage import BLOCK_CONTRACTION
+    from megatron_dchag.memory_model import FUSED_BLOCK_CONTRACTION
+
+    assert FUSED_BLOCK_CONTRACTION == BLOCK_CONTRACTION
+    fused_cfg = dataclasses.replace(HAND, strategy="dchag", aggregation_layer="linear", channel_groups=1)
+    assert fused_cfg.fused and not dataclasses.replace(fused_cfg, channel_stage_impl="reference").fused
+    est = estimate_memory(fused_cfg)
+    e, pos, d = 4, 4, 8
+    params, opt = 1412 * 4, 1412 * 8  # + the tree's 4 weights
+    inputs = 1 * 4 * 4 * 4 * e
+    group_token = 1 * pos * d * e
+    final_saved = 1 * pos * 2 * e + pos * 2 * d * e + pos * d * e
+    work = pos * 16 * e + 16 * d * 4 + 2 * group_token  # a block of all 4 channels (16 columns)
+    small = 6 * pos * d * e
+    assert est.phases["channel_backward"] == params + opt + inputs + group_token + final_saved + work + small + params
+    assert est.activation_parts["tokenizer"] == 0
+    with pytest.raises(ValueError, match="needs a linear partial-aggregation tree"):
+        estimate_memory(dataclasses.replace(HAND, channel_stage_impl="fused"))
+    # At 1024 channels (the benchmark configuration, TP=1) the fused stage's backward is no
+    # longer the peak: the optimizer step is.
+    big = MemoryConfig(num_channels=1024, strategy="dchag", aggregation_layer="linear")
+    fused_big, reference_big = estimate_memory(big), estimate_memory(dataclasses.replace(big, channel_stage_impl="reference"))
+    assert fused_big.peak_phase == "optimizer_step" and reference_big.peak_phase == "channel_backward"
+    assert fused_big.phases["channel_backward"] < 0.5 * reference_big.phases["channel_backward"]
 
 
 def test_sharding_precision_and_optimizer_rules():
@@ -59,6 +89,25 @@ def test_sharding_precision_and_optimizer_rules():
     with pytest.raises(ValueError, match="not divisible"):
         estimate_memory(dataclasses.replace(HAND, channel_groups=3, tensor_model_parallel_size=2,
                                             num_attention_heads=2))
+
+
+def test_megatron_gradient_buffer_and_adam_step_by_hand():
+    """framework=megatron (the trainer and the benchmark): DDP's fp32 main-grad buffer lives all
+    step; the Adam step allocates nothing with FusedAdam and two fp32 temporaries of the largest
+    parameter with torch's AdamW; the fused stage's backward also holds the tokenizer's weight
+    gradient until DDP's hook adds it to the buffer."""
+    mega = dataclasses.replace(HAND, framework="megatron")
+    fused_adam, torch_adam = estimate_memory(mega), estimate_memory(dataclasses.replace(mega, adam_impl="torch"))
+    params, opt, inputs = 1408 * 4, 1408 * 8, 1 * 4 * 4 * 4 * 4
+    assert fused_adam.phases["optimizer_step"] == params + opt + inputs + 1408 * 4
+    assert torch_adam.phases["optimizer_step"] - fused_adam.phases["optimizer_step"] == 2 * 256 * 4  # fc1
+    assert torch_adam.phases["forward_end"] == fused_adam.phases["forward_end"]
+    assert fused_adam.phases["forward_end"] - estimate_memory(HAND).phases["forward_end"] == 1408 * 4
+    stage = dataclasses.replace(HAND, strategy="dchag", aggregation_layer="linear", channel_groups=1)
+    megatron_stage = estimate_memory(dataclasses.replace(stage, framework="megatron"))
+    assert megatron_stage.phases["channel_backward"] - estimate_memory(stage).phases["channel_backward"] == 4 * 4 * 8 * 4
+    with pytest.raises(ValueError, match="adam_impl"):
+        estimate_memory(dataclasses.replace(mega, adam_impl="apex"))
 
 
 def _real_param_counts():

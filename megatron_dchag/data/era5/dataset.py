@@ -30,7 +30,9 @@ import torch
 import xarray as xr
 
 from megatron_dchag.data.era5.leads import sample_lead_hours, train_lead_hours
+from megatron_dchag.data.era5.canonical import EnsembleMember, parse_ensemble_member
 from megatron_dchag.data.era5.naming import DEFAULT_ERA5_CHANNELS, LAT_DIM, LON_DIM, TIME_DIM, ChannelSpec, parse_channels
+from megatron_dchag.data.era5.splits import split_window
 from megatron_dchag.data.era5.statistics import ERA5Stats, load_era5_stats
 from megatron_dchag.data.era5.store import ChannelReader, PathLike, describe_dataset, format_time, open_era5
 
@@ -74,6 +76,7 @@ class ERA5Dataset(torch.utils.data.Dataset):
         cache: load this rank's channels for the whole time window into memory at construction
             (``None``: when that takes at most ``cache_max_bytes``).
         return_climatology: add each target's climatology (physical units) to the sample.
+        ensemble_member: for data with an ensemble dimension, the member index or ``"mean"``.
     """
 
     def __init__(
@@ -95,9 +98,11 @@ class ERA5Dataset(torch.utils.data.Dataset):
         cache: Optional[bool] = None,
         cache_max_bytes: int = 2 << 30,
         return_climatology: bool = False,
+        ensemble_member: EnsembleMember = None,
     ):
         super().__init__()
         self.path = path
+        self.ensemble_member = parse_ensemble_member(ensemble_member)
         self.source = str(path) if isinstance(path, (str, os.PathLike)) else f"{len(path)} paths"
         self.seed = int(seed)
         self._ds: Optional[xr.Dataset] = None
@@ -136,13 +141,8 @@ class ERA5Dataset(torch.utils.data.Dataset):
         if np.any(np.diff(all_times.astype(np.int64)) <= 0):
             raise ValueError(f"{self.source}: time coordinate is not strictly increasing")
         lo, hi = self._time_window(all_times, time_range)
-        if split not in ("train", "val", "all"):
-            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        lo, hi = split_window(lo, hi, split, val_fraction)
         if split != "all":
-            if not 0.0 < val_fraction < 1.0:
-                raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-            n_train = int(round((hi - lo) * (1.0 - val_fraction)))
-            lo, hi = (lo, lo + n_train) if split == "train" else (lo + n_train, hi)
             if hi - lo < 2:
                 raise ValueError(f"split={split!r} of {self.source} has {hi - lo} time steps; it needs at least 2")
         self.split = split
@@ -189,7 +189,7 @@ class ERA5Dataset(torch.utils.data.Dataset):
     @property
     def dataset(self) -> xr.Dataset:
         if self._ds is None or self._pid != os.getpid():
-            self._ds = open_era5(self.path)
+            self._ds = open_era5(self.path, ensemble_member=self.ensemble_member)
             self._pid = os.getpid()
             if getattr(self, "_reader", None) is not None:
                 self._reader.ds = self._ds
@@ -236,16 +236,37 @@ class ERA5Dataset(torch.utils.data.Dataset):
             j = np.searchsorted(t, target)
             found = (j < len(t)) & (t[np.minimum(j, len(t) - 1)] == target)
             if not found.any():
-                span_h = (t[-1] - t[0]) // 3600
-                raise ValueError(
-                    f"lead time {lead} h: no initial time in {format_time(t[0])} .. {format_time(t[-1])} "
-                    f"(split={self.split!r}, {span_h} h, step {int(np.median(np.diff(t)) // 3600) if len(t) > 1 else '?'} h) "
-                    f"has a target at +{lead} h inside the same window"
-                )
+                raise ValueError(f"lead time {lead} h: no initial time in {self._describe_axis(t)} has a target at "
+                                 f"+{lead} h inside the same window{self._lead_hint(t)}")
             ok &= found
         if not ok.any():
-            raise ValueError(f"no initial time in the {self.split!r} window has targets at all lead times {list(leads)}")
+            raise ValueError(f"no initial time in {self._describe_axis(t)} has targets at all lead times {list(leads)} "
+                             f"at once{self._lead_hint(t)}")
         return np.flatnonzero(ok) + lo
+
+    def _describe_axis(self, t: np.ndarray) -> str:
+        """``2018-01-01T00:00 .. 2018-01-05T18:00 (split='val', 114 h, 6-hourly)``, saying when the
+        axis is irregular and its smallest and largest steps."""
+        span_h = (t[-1] - t[0]) / 3600.0
+        steps = np.diff(t) / 3600.0
+        if len(steps) == 0:
+            spacing = "one time step"
+        elif np.all(steps == steps[0]):
+            spacing = f"{steps[0]:g}-hourly"
+        else:
+            spacing = (f"an irregular time axis: steps from {steps.min():g} h to {steps.max():g} h, "
+                       f"{len(np.unique(steps))} different steps")
+        return f"{format_time(t[0])} .. {format_time(t[-1])} (split={self.split!r}, {span_h:g} h, {spacing})"
+
+    @staticmethod
+    def _lead_hint(t: np.ndarray, reach: int = 4, shown: int = 8) -> str:
+        """The shortest leads (hours) that do have targets from some initial time (leads must match
+        exactly: a target 23 h after its initial time is not a 24 h forecast)."""
+        if len(t) < 2:
+            return ""
+        diffs = np.unique(np.concatenate([t[k:] - t[:-k] for k in range(1, min(reach, len(t) - 1) + 1)])) / 3600.0
+        leads = ", ".join(f"{d:g}" for d in diffs[:shown])
+        return f"; leads with targets in this window: {leads}{', ...' if len(diffs) > shown else ''} h"
 
     def target_index(self, time_index: int, lead_hours: int) -> int:
         """Absolute index of ``time[time_index] + lead_hours`` (``KeyError`` if outside the window)."""

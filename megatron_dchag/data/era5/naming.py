@@ -1,26 +1,21 @@
-"""ERA5 naming: canonical variables, their aliases, channel names and the canonical dataset view.
+"""ERA5 naming: canonical variables, every name they are found under, and channel names.
 
-ERA5 data reaches users under several naming conventions (CDS netCDF short names, WeatherBench 2
-long names, cfgrib's GRIB names, WeatherBench 1 files). This module maps all of them onto one
-canonical view so the rest of the code never sees the difference.
+ERA5 data reaches users under several naming conventions, and this module knows them all:
 
-**Canonical view** of a dataset (what :func:`canonicalize_dataset` returns):
+* WeatherBench 2 / CDS long names (``geopotential``, ``temperature``, ``2m_temperature``,
+  ``land_sea_mask``, ``geopotential_at_surface``, ...), the canonical names;
+* ECMWF / CDS short names (``z``, ``t``, ``u``, ``v``, ``q``, ``w``, ``2t``/``t2m``,
+  ``10u``/``u10``, ``10v``/``v10``, ``lsm``; a level-less ``z`` is the surface geopotential);
+* WeatherBench 1 names (``orography`` in metres, ``lsm``);
+* CF standard names (``air_temperature``, ``eastward_wind``, ``northward_wind``,
+  ``lagrangian_tendency_of_air_pressure``, ``land_binary_mask``, ``surface_altitude``, ...), as
+  variable names or as ``standard_name`` attributes, and ECMWF ``long_name`` attributes
+  (``"2 metre temperature"``, ``"U component of wind"``, ...).
 
-* data variables use the WeatherBench 2 / CDS long names (``geopotential``, ``temperature``,
-  ``2m_temperature``, ``land_sea_mask``, ``geopotential_at_surface``, ...);
-* coordinates are ``time`` (datetime64), ``level`` (pressure in hPa), ``latitude`` and
-  ``longitude`` (degrees);
-* **latitude runs south-to-north (ascending)**, as in the WeatherBench 1 5.625° files and the
-  output of ``tools/regrid_era5.py``; row 0 of every tensor is the southernmost latitude;
-* longitude is in ``[0, 360)`` and ascending (``-180..180`` inputs are wrapped and re-sorted);
-* constant fields (``land_sea_mask``, ``geopotential_at_surface``) carry no time axis; if a file
-  stores them with one (CDS downloads do), the first time step is used;
-* ``geopotential_at_surface`` is in m² s⁻²; a WeatherBench 1 ``orography`` field in metres
-  (``units="m"``) is multiplied by g = 9.80665;
-* dimensions are *not* transposed (a lazy transpose would turn into vectorized indexing over the
-  whole array); readers select by dimension name and transpose the small loaded result.
-
-Every step is lazy (renames and ``isel``), so opening a 0.25° archive costs nothing.
+A CF standard name may mean two fields: ``air_temperature`` is ``temperature`` on pressure levels
+and ``2m_temperature`` without a level axis (likewise ``eastward_wind``/``northward_wind`` and
+``geopotential``). :func:`variable_candidates` returns every field a name may mean; the canonical
+view (:mod:`megatron_dchag.data.era5.canonical`) picks one by the presence of a level axis.
 
 **Channels** are named ``<short>_<level>`` for pressure-level variables (``z_500``, ``t_850``)
 and ``<short>`` for surface and constant fields (``t2m``, ``u10``, ``lsm``, ``orography``).
@@ -32,6 +27,8 @@ the top of the atmosphere down): z, t, u, v, q on the 15 pressure levels
 (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000 hPa) plus 70 hPa (lower
 stratosphere) and 975 hPa (boundary layer), all standard ERA5 levels; then t2m, u10, v10, lsm,
 orography.
+
+Plain Python and numpy (no xarray), so the config layer can parse channel names cheaply.
 """
 
 from __future__ import annotations
@@ -42,14 +39,12 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-import xarray as xr
-from xarray.backends import BackendArray
-from xarray.core import indexing
 
 __all__ = [
     "ERA5Variable",
     "ChannelSpec",
     "VARIABLES",
+    "COORDINATE_ALIASES",
     "DEFAULT_PRESSURE_LEVELS",
     "DEFAULT_PRESSURE_VARIABLES",
     "DEFAULT_SURFACE_VARIABLES",
@@ -63,11 +58,12 @@ __all__ = [
     "LON_DIM",
     "register_variable",
     "resolve_variable",
+    "variable_candidates",
+    "is_metres_name",
     "parse_channel",
     "parse_channels",
     "channel_name",
     "make_channel_list",
-    "canonicalize_dataset",
     "regular_latlon_grid",
 ]
 
@@ -78,9 +74,10 @@ LEVEL_DIM = "level"
 LAT_DIM = "latitude"
 LON_DIM = "longitude"
 
-#: Coordinate aliases -> canonical coordinate name.
+#: Coordinate aliases -> canonical coordinate name (CF attributes are recognised as well, see
+#: :mod:`megatron_dchag.data.era5.canonical`).
 COORDINATE_ALIASES: Dict[str, Tuple[str, ...]] = {
-    TIME_DIM: ("time", "valid_time"),
+    TIME_DIM: ("time", "valid_time", "date", "datetime"),
     LEVEL_DIM: ("level", "pressure_level", "isobaricInhPa", "plev", "lev"),
     LAT_DIM: ("latitude", "lat"),
     LON_DIM: ("longitude", "lon"),
@@ -99,8 +96,12 @@ class ERA5Variable:
 
     ``name`` is the canonical (WeatherBench 2 / CDS long) name, ``channel`` the prefix used in
     channel names, ``short`` the CDS short name written by ``--naming short``, ``aliases`` every
-    other name it is found under. ``kind`` is ``"pressure"`` (has a level axis), ``"surface"``
-    (time-varying, no level) or ``"constant"`` (no time, no level).
+    other variable name it is found under (each unique to this field). ``kind`` is
+    ``"pressure"`` (has a level axis), ``"surface"`` (time-varying, no level) or ``"constant"``
+    (no time, no level). ``standard_names`` are its CF standard names and ``long_names`` the
+    ``long_name`` attributes ECMWF files give it; both may be shared with the field's pressure or
+    surface counterpart (``air_temperature``). ``metres_standard_names`` are CF standard names
+    whose values are in metres and need multiplying by g (``surface_altitude``).
     """
 
     name: str
@@ -109,15 +110,30 @@ class ERA5Variable:
     kind: str
     units: str
     aliases: Tuple[str, ...] = ()
+    standard_names: Tuple[str, ...] = ()
+    long_names: Tuple[str, ...] = ()
+    metres_standard_names: Tuple[str, ...] = ()
 
     @property
     def all_names(self) -> Tuple[str, ...]:
+        """The variable names unique to this field (canonical, channel, short, aliases)."""
         return tuple(dict.fromkeys((self.name, self.channel, self.short) + self.aliases))
+
+    @property
+    def standard_name(self) -> Optional[str]:
+        """The CF standard name written by ``--naming cf`` (the first of ``standard_names``)."""
+        return self.standard_names[0] if self.standard_names else None
 
 
 VARIABLES: Dict[str, ERA5Variable] = {}
 _ALIAS_TO_NAME: Dict[str, str] = {}
 _CHANNEL_TO_NAME: Dict[str, str] = {}
+# lower-cased CF standard name / long_name -> the canonical fields it may mean, in registry order
+_DESCRIPTION_TO_NAMES: Dict[str, List[str]] = {}
+
+
+def _key(text: str) -> str:
+    return " ".join(str(text).replace("_", " ").split()).lower()
 
 
 def register_variable(var: ERA5Variable) -> None:
@@ -132,27 +148,48 @@ def register_variable(var: ERA5Variable) -> None:
     for alias in var.all_names:
         _ALIAS_TO_NAME[alias] = var.name
     _CHANNEL_TO_NAME[var.channel] = var.name
+    for text in var.standard_names + var.metres_standard_names + var.long_names:
+        names = _DESCRIPTION_TO_NAMES.setdefault(_key(text), [])
+        if var.name not in names:
+            names.append(var.name)
 
 
 for _v in (
-    ERA5Variable("geopotential", "z", "z", "pressure", "m**2 s**-2"),
-    ERA5Variable("temperature", "t", "t", "pressure", "K"),
-    ERA5Variable("u_component_of_wind", "u", "u", "pressure", "m s**-1"),
-    ERA5Variable("v_component_of_wind", "v", "v", "pressure", "m s**-1"),
-    ERA5Variable("specific_humidity", "q", "q", "pressure", "kg kg**-1"),
-    ERA5Variable("relative_humidity", "r", "r", "pressure", "%"),
-    ERA5Variable("vertical_velocity", "w", "w", "pressure", "Pa s**-1"),
-    ERA5Variable("2m_temperature", "t2m", "t2m", "surface", "K", ("2t",)),
-    ERA5Variable("10m_u_component_of_wind", "u10", "u10", "surface", "m s**-1", ("10u",)),
-    ERA5Variable("10m_v_component_of_wind", "v10", "v10", "surface", "m s**-1", ("10v",)),
-    ERA5Variable("mean_sea_level_pressure", "msl", "msl", "surface", "Pa"),
-    ERA5Variable("surface_pressure", "sp", "sp", "surface", "Pa"),
-    ERA5Variable("total_precipitation", "tp", "tp", "surface", "m"),
-    ERA5Variable("toa_incident_solar_radiation", "tisr", "tisr", "surface", "J m**-2"),
-    ERA5Variable("land_sea_mask", "lsm", "lsm", "constant", "1"),
+    ERA5Variable("geopotential", "z", "z", "pressure", "m**2 s**-2",
+                 standard_names=("geopotential",), long_names=("Geopotential",)),
+    ERA5Variable("temperature", "t", "t", "pressure", "K", ("ta",),
+                 standard_names=("air_temperature",), long_names=("Temperature",)),
+    ERA5Variable("u_component_of_wind", "u", "u", "pressure", "m s**-1", ("ua",),
+                 standard_names=("eastward_wind",), long_names=("U component of wind",)),
+    ERA5Variable("v_component_of_wind", "v", "v", "pressure", "m s**-1", ("va",),
+                 standard_names=("northward_wind",), long_names=("V component of wind",)),
+    ERA5Variable("specific_humidity", "q", "q", "pressure", "kg kg**-1", ("hus",),
+                 standard_names=("specific_humidity",), long_names=("Specific humidity",)),
+    ERA5Variable("relative_humidity", "r", "r", "pressure", "%", ("hur",),
+                 standard_names=("relative_humidity",), long_names=("Relative humidity",)),
+    ERA5Variable("vertical_velocity", "w", "w", "pressure", "Pa s**-1", ("wap",),
+                 standard_names=("lagrangian_tendency_of_air_pressure",), long_names=("Vertical velocity",)),
+    ERA5Variable("2m_temperature", "t2m", "t2m", "surface", "K", ("2t", "tas"),
+                 standard_names=("air_temperature",), long_names=("2 metre temperature",)),
+    ERA5Variable("10m_u_component_of_wind", "u10", "u10", "surface", "m s**-1", ("10u", "uas"),
+                 standard_names=("eastward_wind",), long_names=("10 metre U wind component",)),
+    ERA5Variable("10m_v_component_of_wind", "v10", "v10", "surface", "m s**-1", ("10v", "vas"),
+                 standard_names=("northward_wind",), long_names=("10 metre V wind component",)),
+    ERA5Variable("mean_sea_level_pressure", "msl", "msl", "surface", "Pa", ("psl",),
+                 standard_names=("air_pressure_at_mean_sea_level",), long_names=("Mean sea level pressure",)),
+    ERA5Variable("surface_pressure", "sp", "sp", "surface", "Pa", ("ps",),
+                 standard_names=("surface_air_pressure",), long_names=("Surface pressure",)),
+    ERA5Variable("total_precipitation", "tp", "tp", "surface", "m",
+                 standard_names=("lwe_thickness_of_precipitation_amount",), long_names=("Total precipitation",)),
+    ERA5Variable("toa_incident_solar_radiation", "tisr", "tisr", "surface", "J m**-2",
+                 long_names=("TOA incident solar radiation",)),
+    ERA5Variable("land_sea_mask", "lsm", "lsm", "constant", "1", (),
+                 standard_names=("land_binary_mask",), long_names=("Land-sea mask",)),
     ERA5Variable(
         "geopotential_at_surface", "orography", "orography", "constant", "m**2 s**-2",
-        ("z_surface", "surface_geopotential", "oro"),
+        ("z_surface", "oro", "surface_geopotential"),
+        standard_names=("surface_geopotential", "geopotential"), long_names=("Geopotential", "Orography"),
+        metres_standard_names=("surface_altitude",),
     ),
 ):
     register_variable(_v)
@@ -161,6 +198,24 @@ DEFAULT_PRESSURE_LEVELS: Tuple[int, ...] = (50, 70, 100, 150, 200, 250, 300, 400
 DEFAULT_PRESSURE_VARIABLES: Tuple[str, ...] = ("z", "t", "u", "v", "q")
 DEFAULT_SURFACE_VARIABLES: Tuple[str, ...] = ("t2m", "u10", "v10")
 DEFAULT_CONSTANT_VARIABLES: Tuple[str, ...] = ("lsm", "orography")
+
+
+def variable_candidates(text: str) -> List[str]:
+    """Every canonical field ``text`` may mean, as a variable name, CF standard name or long name.
+
+    A unique name (canonical, short or alias, case-insensitive fallback) gives one field; a CF
+    standard name or long name may give two, e.g. ``air_temperature`` -> ``["temperature",
+    "2m_temperature"]``. Unknown text gives ``[]``.
+    """
+    canonical = resolve_variable(text)
+    if canonical is not None:
+        return [canonical]
+    return list(_DESCRIPTION_TO_NAMES.get(_key(text), []))
+
+
+def is_metres_name(variable: str, text: str) -> bool:
+    """Whether ``text`` is a CF standard name of ``variable`` whose values are in metres."""
+    return _key(text) in {_key(n) for n in VARIABLES[variable].metres_standard_names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,199 +334,6 @@ def make_channel_list(
 
 DEFAULT_ERA5_CHANNELS: Tuple[str, ...] = tuple(make_channel_list())
 assert len(DEFAULT_ERA5_CHANNELS) == 80
-
-
-# ----------------------------------------------------------------------------------------------
-# Canonical dataset view
-# ----------------------------------------------------------------------------------------------
-
-
-def _find_coordinate(ds: xr.Dataset, canonical: str) -> Optional[str]:
-    """The dataset's name for a canonical coordinate, preferring one that is a dimension."""
-    candidates = [n for n in COORDINATE_ALIASES[canonical] if n in ds.dims or n in ds.coords]
-    dims = [n for n in candidates if n in ds.dims]
-    if len(dims) > 1:
-        raise ValueError(f"dataset has several dimensions that mean {canonical!r}: {dims}")
-    if dims:
-        return dims[0]
-    return candidates[0] if candidates else None
-
-
-class _LazyNewAxis(BackendArray):
-    """A lazy variable with a size-1 axis inserted at ``axis`` (``expand_dims`` would load the data)."""
-
-    def __init__(self, variable: xr.Variable, axis: int):
-        self.variable = variable
-        self.axis = axis
-        self.shape = tuple(variable.shape[:axis]) + (1,) + tuple(variable.shape[axis:])
-        self.dtype = variable.dtype
-
-    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
-        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._getitem)
-
-    def _getitem(self, key: Tuple) -> np.ndarray:
-        key = tuple(key) + (slice(None),) * (len(self.shape) - len(key))
-        new_key = key[self.axis]
-        arr = np.asarray(self.variable[key[: self.axis] + key[self.axis + 1 :]].values)
-        if isinstance(new_key, (int, np.integer)):
-            return arr
-        out_axis = sum(1 for k in key[: self.axis] if not isinstance(k, (int, np.integer)))
-        return np.take(np.expand_dims(arr, out_axis), np.arange(1)[new_key], axis=out_axis)
-
-
-def _with_level_axis(da: xr.DataArray, level: float) -> xr.DataArray:
-    """Give a single-level field (a scalar ``level`` coordinate) a lazy size-1 level dimension."""
-    axis = 1 if da.dims and da.dims[0] == TIME_DIM else 0
-    dims = da.dims[:axis] + (LEVEL_DIM,) + da.dims[axis:]
-    data = indexing.LazilyIndexedArray(_LazyNewAxis(da.variable, axis))
-    coords = {d: da[d].values for d in da.dims if d in da.coords}
-    coords[LEVEL_DIM] = np.array([level])
-    return xr.DataArray(xr.Variable(dims, data, attrs=da.attrs), coords=coords, name=da.name)
-
-
-def canonicalize_dataset(ds: xr.Dataset, *, keep_unknown: bool = False, source: str = "dataset") -> xr.Dataset:
-    """Return the canonical view (see the module docstring) of one opened ERA5 dataset.
-
-    Renames coordinates and variables, squeezes size-1 foreign dimensions (``number``, ``step``,
-    ``expver``), sorts latitude ascending (south-to-north) and longitude into ``[0, 360)``, converts
-    levels given in Pa to hPa, drops the time axis of constant fields and drops variables that are
-    not ERA5 fields (unless ``keep_unknown``). All lazy. ``source`` names the file in errors.
-    """
-    # 1. Coordinates.
-    renames: Dict[str, str] = {}
-    dropped: List[str] = []
-    for canonical in (TIME_DIM, LEVEL_DIM, LAT_DIM, LON_DIM):
-        found = _find_coordinate(ds, canonical)
-        if found is None:
-            continue
-        # Other aliases that are plain (non-dimension) coordinates, e.g. cfgrib's valid_time next
-        # to a time dimension, would clash with the rename: drop them.
-        for alias in COORDINATE_ALIASES[canonical]:
-            if alias != found and alias in ds.coords and alias not in ds.dims:
-                dropped.append(alias)
-        if found != canonical:
-            renames[found] = canonical
-    if dropped:
-        ds = ds.drop_vars(dropped)
-    if renames:
-        ds = ds.rename(renames)
-    for needed in (LAT_DIM, LON_DIM):
-        if needed not in ds.dims:
-            raise ValueError(
-                f"{source}: no {needed} dimension (looked for {list(COORDINATE_ALIASES[needed])}); "
-                f"dimensions present: {dict(ds.sizes)}"
-            )
-    if TIME_DIM in ds.coords and TIME_DIM not in ds.dims:
-        ds = ds.drop_vars(TIME_DIM)  # scalar time coordinate of a single-time file without a time dim
-
-    # 2. Squeeze foreign singleton dims; drop foreign coordinates.
-    canonical_dims = {TIME_DIM, LEVEL_DIM, LAT_DIM, LON_DIM}
-    singleton = [d for d, n in ds.sizes.items() if d not in canonical_dims and n == 1]
-    if singleton:
-        ds = ds.isel({d: 0 for d in singleton}, drop=True)
-    foreign_coords = [c for c in ds.coords if c not in canonical_dims]
-    if foreign_coords:
-        ds = ds.drop_vars(foreign_coords)
-
-    # 3. Variables.
-    scalar_level = LEVEL_DIM in ds.coords and ds[LEVEL_DIM].ndim == 0
-    var_renames: Dict[str, str] = {}
-    drop_vars: List[str] = []
-    for name, da in ds.data_vars.items():
-        canonical = resolve_variable(str(name))
-        # A geopotential without any level information is the surface geopotential (CDS
-        # single-levels 'z'); with a scalar level coordinate it is one pressure level (WeatherBench 1).
-        if canonical == "geopotential" and LEVEL_DIM not in da.dims and LAT_DIM in da.dims and not scalar_level:
-            canonical = "geopotential_at_surface"
-        if canonical is None or LAT_DIM not in da.dims or LON_DIM not in da.dims:
-            if not keep_unknown:
-                drop_vars.append(str(name))
-            continue
-        if canonical != name:
-            if canonical in var_renames.values() or (canonical in ds.data_vars and canonical != name):
-                raise ValueError(f"{source}: variables {name!r} and another both mean {canonical!r}")
-            var_renames[str(name)] = canonical
-    if drop_vars:
-        ds = ds.drop_vars(drop_vars)
-    if var_renames:
-        ds = ds.rename(var_renames)
-    if scalar_level:
-        level_value = float(ds[LEVEL_DIM].values)
-        expanded = {
-            str(n): _with_level_axis(da.drop_vars(LEVEL_DIM), level_value)
-            for n, da in ds.data_vars.items()
-            if n in VARIABLES and VARIABLES[str(n)].kind == "pressure" and LEVEL_DIM not in da.dims
-        }
-        ds = ds.drop_vars(LEVEL_DIM)
-        for n, da in expanded.items():
-            ds[n] = da
-
-    for name, da in ds.data_vars.items():
-        var = VARIABLES.get(str(name))
-        if var is None:
-            continue
-        foreign = [d for d in da.dims if d not in canonical_dims]
-        if foreign:
-            raise ValueError(
-                f"{source}: variable {name!r} has dimensions {list(da.dims)}; only "
-                f"{sorted(canonical_dims)} (and size-1 extras) are understood"
-            )
-        if var.kind == "pressure" and LEVEL_DIM not in da.dims:
-            raise ValueError(f"{source}: pressure-level variable {name!r} has no level dimension (dims {list(da.dims)})")
-        if var.kind == "constant" and LEVEL_DIM in da.dims:
-            raise ValueError(f"{source}: constant field {name!r} has a level dimension")
-
-    # 4. Constants lose their time axis.
-    for name in [n for n, v in ds.data_vars.items() if n in VARIABLES and VARIABLES[str(n)].kind == "constant"]:
-        if TIME_DIM in ds[name].dims:
-            ds[name] = ds[name].isel({TIME_DIM: 0}, drop=True)
-    if TIME_DIM in ds.dims and not any(TIME_DIM in v.dims for v in ds.data_vars.values()):
-        ds = ds.isel({TIME_DIM: 0}, drop=True)  # a constants-only file: forget its time axis
-
-    # 5. Orography in metres -> geopotential.
-    if "geopotential_at_surface" in ds.data_vars:
-        units = str(ds["geopotential_at_surface"].attrs.get("units", "")).strip().lower()
-        if units in ("m", "meter", "meters", "metre", "metres", "gpm"):
-            attrs = dict(ds["geopotential_at_surface"].attrs, units="m**2 s**-2")
-            ds["geopotential_at_surface"] = (ds["geopotential_at_surface"].load() * GRAVITY).assign_attrs(attrs)
-
-    # 6. Coordinate values.
-    if LEVEL_DIM in ds.coords:
-        levels = np.asarray(ds[LEVEL_DIM].values, dtype=np.float64)
-        units = str(ds[LEVEL_DIM].attrs.get("units", "")).lower()
-        if units in ("pa", "pascal", "pascals") or (levels.size and levels.max() > 2000.0):
-            levels = levels / 100.0
-        if levels.size and np.all(np.isclose(levels, np.round(levels))):
-            new_levels: np.ndarray = np.round(levels).astype(np.int64)
-        else:
-            new_levels = levels
-        ds = ds.assign_coords({LEVEL_DIM: (LEVEL_DIM, new_levels, {"units": "hPa", "long_name": "pressure level"})})
-    lat = np.asarray(ds[LAT_DIM].values, dtype=np.float64)
-    if lat.size > 1 and lat[0] > lat[-1]:
-        ds = ds.isel({LAT_DIM: slice(None, None, -1)})
-        lat = lat[::-1]
-    if lat.size > 1 and np.any(np.diff(lat) <= 0):
-        raise ValueError(f"{source}: latitude is not monotonic: {lat}")
-    lon = np.asarray(ds[LON_DIM].values, dtype=np.float64)
-    wrapped = np.mod(lon, 360.0)
-    if np.any(wrapped != lon) or np.any(np.diff(wrapped) <= 0):
-        order = np.argsort(wrapped, kind="stable")
-        if np.any(np.diff(wrapped[order]) <= 0):
-            raise ValueError(f"{source}: longitudes repeat after wrapping to [0, 360): {lon}")
-        ds = ds.isel({LON_DIM: order})
-        lon = wrapped[order]
-    ds = ds.assign_coords(
-        {
-            LAT_DIM: (LAT_DIM, lat, {"units": "degrees_north", "long_name": "latitude"}),
-            LON_DIM: (LON_DIM, lon, {"units": "degrees_east", "long_name": "longitude"}),
-        }
-    )
-    if TIME_DIM in ds.coords and not np.issubdtype(ds[TIME_DIM].dtype, np.datetime64):
-        raise ValueError(
-            f"{source}: time coordinate has dtype {ds[TIME_DIM].dtype}; ERA5 data needs a standard "
-            "(proleptic Gregorian) calendar decoded to datetime64"
-        )
-    return ds
 
 
 def regular_latlon_grid(resolution: float) -> Tuple[np.ndarray, np.ndarray]:

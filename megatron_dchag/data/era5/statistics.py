@@ -2,7 +2,10 @@
 
 :class:`ERA5Stats` holds per-channel mean/std and the climatology; ``tools/compute_era5_stats.py``
 computes them, :func:`save_era5_stats` writes them (``.npz`` or ``.nc``, atomically) and
-:func:`load_era5_stats` reads them back.
+:func:`load_era5_stats` reads them back. A file records the time range it covers
+(``attrs["time_start"]``, ``attrs["time_end"]``); :func:`validation_overlap` says when that range
+includes validation times of a run, whose ACC would then be scored against a climatology that
+saw the validation period.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import numpy as np
 import xarray as xr
 
 from megatron_dchag.data.era5.naming import LAT_DIM, LON_DIM, parse_channel
+from megatron_dchag.data.era5.splits import split_window
 from megatron_dchag.data.era5.store import PathLike
 
-__all__ = ["ERA5Stats", "load_era5_stats", "save_era5_stats"]
+__all__ = ["ERA5Stats", "load_era5_stats", "save_era5_stats", "validation_overlap"]
 
 
 @dataclass
@@ -157,3 +161,23 @@ def load_era5_stats(path: PathLike) -> ERA5Stats:
             attrs=dict(ds.attrs),
         )
 
+
+
+def validation_overlap(stats: ERA5Stats, times: np.ndarray, val_fraction: float) -> Optional[str]:
+    """One line when ``stats`` cover validation times of a run whose data has the time axis
+    ``times`` and whose split is ``val_fraction``; ``None`` when they do not, or when the file
+    does not record its time range."""
+    start, end = stats.attrs.get("time_start"), stats.attrs.get("time_end")
+    if start is None or end is None or not 0.0 < val_fraction < 1.0:
+        return None
+    times = np.asarray(times).astype("datetime64[s]")
+    lo, hi = split_window(0, len(times), "val", val_fraction)
+    val_times = times[lo:hi]
+    inside = int(((val_times >= np.datetime64(str(start))) & (val_times <= np.datetime64(str(end)))).sum())
+    if not inside:
+        return None
+    first, last = (str(np.datetime_as_string(t, unit="m")) for t in (val_times[0], val_times[-1]))
+    return (f"the statistics and climatology cover {start} .. {end}, which includes {inside} of the {len(val_times)} "
+            f"validation times ({first} .. {last}, the last data.val_fraction={val_fraction:g} of the steps), so ACC and "
+            "the climatology reference use a climatology that saw the validation period; recompute them over the "
+            "train split with compute_era5_stats --config <the run's config>")

@@ -1,9 +1,11 @@
 """ERA5 stores: opening zarr/netCDF files as one lazy canonical dataset, and reading channels.
 
-* :func:`open_era5` opens zarr stores and netCDF files (one path, a directory of files, a glob,
-  or a list; e.g. one file per year or per variable) and returns **one lazy** ``xr.Dataset`` in
-  the canonical view of :mod:`megatron_dchag.data.era5.naming` (long variable names,
-  ``time/level/latitude/longitude``, latitude **south-to-north**). dask is *not* required:
+* :func:`open_era5` opens zarr stores (format 2 or 3) and netCDF files (one path, a directory of
+  files, a glob, or a list; e.g. one file per year or per variable) and returns **one lazy**
+  ``xr.Dataset`` in the canonical view of :mod:`megatron_dchag.data.era5.canonical` (long variable
+  names, ``time/level/latitude/longitude``, latitude **south-to-north**). What each file's
+  variables became, and why any was left out, is kept in ``ds.encoding["era5_variables"]``
+  (:func:`describe_dataset` shows it in errors). dask is *not* required:
   without ``chunks`` the files are combined by a small lazy concatenation along time
   (:class:`_LazyConcat`), so indexing one time step reads only that step from disk. dask is
   not used by default even when installed, because per-sample random access through dask graphs
@@ -32,6 +34,7 @@ import xarray as xr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
+from megatron_dchag.data.era5.canonical import EnsembleMember, VariableMatch, canonicalize_dataset, describe_matches
 from megatron_dchag.data.era5.naming import (
     LAT_DIM,
     LEVEL_DIM,
@@ -39,7 +42,6 @@ from megatron_dchag.data.era5.naming import (
     TIME_DIM,
     VARIABLES,
     ChannelSpec,
-    canonicalize_dataset,
     channel_name,
     parse_channel,
 )
@@ -259,6 +261,7 @@ def open_era5(
     chunks: Optional[Mapping[str, int]] = None,
     engine: Optional[str] = None,
     keep_unknown: bool = False,
+    ensemble_member: EnsembleMember = None,
 ) -> xr.Dataset:
     """Open ERA5 data (zarr stores, netCDF files, directories, globs or a list) as one lazy Dataset.
 
@@ -273,13 +276,25 @@ def open_era5(
     if chunks is not None and not HAS_DASK:
         raise ImportError("open_era5(chunks=...) needs dask, which is not installed; leave chunks=None")
     per_var: Dict[str, List[Tuple[str, xr.DataArray]]] = defaultdict(list)
+    matches: List[VariableMatch] = []
+    ensembles = []
     for path in files:
         raw = _open_one(path, chunks, engine)
-        ds = canonicalize_dataset(raw, keep_unknown=keep_unknown, source=str(path))
+        ds = canonicalize_dataset(raw, keep_unknown=keep_unknown, source=str(path), ensemble_member=ensemble_member)
+        matches += ds.encoding["era5_variables"]
+        if ds.encoding.get("era5_ensemble"):
+            ensembles.append(ds.encoding["era5_ensemble"])
         for name in ds.data_vars:
             per_var[str(name)].append((str(path), ds[name]))
     if not per_var:
-        raise ValueError(f"ERA5 data {[str(f) for f in files]}: no ERA5 variables found")
+        raise ValueError(
+            f"ERA5 data {[str(f) for f in files]}: no ERA5 variables found; the files hold: {describe_matches(matches)}"
+        )
+    if ensemble_member is not None and not ensembles:
+        raise ValueError(
+            f"ERA5 data {[str(f) for f in files]}: ensemble member {ensemble_member!r} was asked for, but the data has "
+            "no ensemble dimension (leave data.ensemble_member unset)"
+        )
 
     merged = {name: _combine_variable(pieces, name, use_dask=chunks is not None) for name, pieces in per_var.items()}
 
@@ -331,6 +346,7 @@ def open_era5(
     out[LON_DIM].attrs.update(units="degrees_east", long_name="longitude")
     # Which files hold each variable: read errors name them (ChannelReader.read).
     out.encoding["source_files"] = {name: [src for src, _ in pieces] for name, pieces in per_var.items()}
+    out.encoding["era5_variables"] = list(dict.fromkeys(matches))  # each file's variables, recognised or not
     return out
 
 
@@ -354,6 +370,8 @@ def available_channels(ds: xr.Dataset) -> List[str]:
 
 
 def describe_dataset(ds: xr.Dataset) -> str:
+    """What a canonical dataset holds: its variables (and channel prefixes), levels and times, and
+    how each variable of the files was recognised or why it was left out."""
     parts = []
     for name, da in ds.data_vars.items():
         var = VARIABLES.get(str(name))
@@ -364,7 +382,9 @@ def describe_dataset(ds: xr.Dataset) -> str:
     if TIME_DIM in ds.coords and ds.sizes.get(TIME_DIM, 0):
         t = ds[TIME_DIM].values
         times = f"; times {format_time(t[0])} .. {format_time(t[-1])} ({len(t)} steps)"
-    return f"variables [{', '.join(parts)}]; levels {levels} hPa{times}"
+    matches = ds.encoding.get("era5_variables")
+    files = f"; in the files: {describe_matches(matches)}" if matches else ""
+    return f"variables [{', '.join(parts)}]; levels {levels} hPa{times}{files}"
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The hyperspectral dataset: normalized crops of cubes, restricted to one TP rank's channels.
 
 :class:`HyperspectralDataset` takes a list of cube files validated up front (same channel count
-everywhere, crop fits, stats match), a deterministic train/val split by file, a deterministic
-random crop that is a pure function of ``(seed, epoch, index)`` (:func:`crop_origin`) and a
-contiguous channel range: the rank's slice, the only channels it ever reads.
+everywhere, crop fits, stats match), a deterministic train/val/test split by file
+(:mod:`~megatron_dchag.data.hyperspectral.splits`), a deterministic random crop that is a pure
+function of ``(seed, epoch, index)`` (:func:`crop_origin`), a contiguous channel range (the
+rank's slice, the only channels it ever reads) and a no-data policy
+(:mod:`~megatron_dchag.data.hyperspectral.nodata`).
 
 Nothing here knows about the model or the trainer; the channel range a rank should read comes
 from the model's channel-group plan (``ChannelGroupPlan.rank_channel_range``).
@@ -17,8 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from megatron_dchag.data.hyperspectral.discovery import list_cube_files, scan_cubes, split_files
+from megatron_dchag.data.hyperspectral.discovery import scan_cubes
 from megatron_dchag.data.hyperspectral.formats import CubeFormatError, CubeReader, PathLike
+from megatron_dchag.data.hyperspectral.nodata import check_policy, missing_value_error
+from megatron_dchag.data.hyperspectral.splits import SplitOptions, split_collection
 from megatron_dchag.data.hyperspectral.statistics import ChannelStats, load_channel_stats
 
 CROP_MODES = ("auto", "random", "fixed", "center")
@@ -41,7 +45,7 @@ class HyperspectralDataset(torch.utils.data.Dataset):
     ``idx // samples_per_file``. The crop corner is :func:`crop_origin` of ``(seed, epoch, idx)``:
     resuming at the same epoch reproduces it, and all TP ranks (different ``channel_range``) cut the
     same window. ``crop``: ``"random"`` (depends on the epoch), ``"fixed"`` (random per item, same
-    every epoch), ``"center"``; ``"auto"`` is ``fixed`` for the val split (the same validation
+    every epoch), ``"center"``; ``"auto"`` is ``fixed`` for the val and test splits (the same
     crops at every evaluation) and ``random`` otherwise.
 
     ``dataset[idx]`` uses the epoch set by :meth:`set_epoch`; ``dataset[(epoch, idx)]`` uses the
@@ -49,9 +53,15 @@ class HyperspectralDataset(torch.utils.data.Dataset):
     ``yield_epoch=True``, so DataLoader worker processes need no ``set_epoch``).
 
     Returns ``{"image": float32 [c_local, h, w], "wavelengths": float32 [c_local] (empty ``[0]``
-    when the data has none), "index": idx, "epoch": epoch}``. The image is normalized per channel
-    with ``stats_file`` (``(x - mean) / std`` of the rank's channels) when given, raw values cast to
-    float32 otherwise.
+    when the data has none), "index": idx, "epoch": epoch}``, plus ``"valid": bool [c_local, h, w]``
+    (False at missing values) under ``nodata="mask"``. The image is normalized per channel with
+    ``stats_file`` (``(x - mean) / std`` of the rank's channels) when given, raw values cast to
+    float32 otherwise. Missing values (NaN/inf, or the file's no-data value) raise
+    :class:`~megatron_dchag.data.hyperspectral.nodata.NoDataError` under ``nodata="error"`` and
+    are 0 (the channel mean after normalization) under ``fill`` and ``mask``.
+
+    ``split`` is ``train``, ``val``, ``test`` or ``all``, chosen by ``val_fraction`` or
+    ``val_files`` and ``test_files`` (see :func:`~megatron_dchag.data.hyperspectral.splits.split_collection`).
     """
 
     def __init__(
@@ -70,6 +80,9 @@ class HyperspectralDataset(torch.utils.data.Dataset):
         split_seed: int = 0,
         crop: str = "auto",
         samples_per_file: int = 1,
+        val_files: Optional[Sequence[str]] = None,
+        test_files: Optional[Sequence[str]] = None,
+        nodata: str = "error",
     ):
         super().__init__()
         crop_h, crop_w = (int(v) for v in crop_size)
@@ -79,17 +92,21 @@ class HyperspectralDataset(torch.utils.data.Dataset):
             raise ValueError(f"crop={crop!r} must be one of {CROP_MODES}")
         if samples_per_file < 1:
             raise ValueError(f"samples_per_file={samples_per_file} must be >= 1")
-        all_files = list_cube_files(path_or_dir, file_format)
-        # Validate every file (both splits), so train and val agree on the contract.
+        self.nodata = check_policy(nodata)
+        self.file_split = split_collection(
+            path_or_dir, file_format,
+            SplitOptions(val_fraction=val_fraction, val_files=val_files, test_files=test_files, split_seed=split_seed),
+        )
+        # Validate every file (all splits), so train and val agree on the contract.
         collection = scan_cubes(
-            all_files,
+            self.file_split.all,
             file_format=file_format,
             dataset_name=dataset_name,
             layout=layout,
             num_channels_expected=num_channels_expected,
             min_spatial_shape=(crop_h, crop_w),
         )
-        chosen = set(split_files(collection.files, split, val_fraction, split_seed))
+        chosen = set(self.file_split.files("all") if split == "all" else self.file_split.require(split))
         self.readers: List[CubeReader] = [r for r in collection.readers if r.path in chosen]
         self.files: List[Path] = [r.path for r in self.readers]
         self.num_channels = collection.num_channels
@@ -103,7 +120,7 @@ class HyperspectralDataset(torch.utils.data.Dataset):
         self.crop_size = (crop_h, crop_w)
         self.split = split
         self.seed = int(seed)
-        self.crop_mode = ("fixed" if split == "val" else "random") if crop == "auto" else crop
+        self.crop_mode = ("fixed" if split in ("val", "test") else "random") if crop == "auto" else crop
         self.samples_per_file = samples_per_file
         self.epoch = 0
 
@@ -173,15 +190,25 @@ class HyperspectralDataset(torch.utils.data.Dataset):
         y0, y1, x0, x1 = self.crop_window(index, epoch)
         reader = self.readers[index // self.samples_per_file]
         block = reader.read(self.channel_range[0], self.channel_range[1], y0, y1, x0, x1)
+        finite: Optional[np.ndarray] = np.isfinite(block)
+        if finite.all():
+            finite = None
+        elif self.nodata == "error":
+            raise missing_value_error(reader, self.channel_range[0], finite)
         if self._mean is not None:
             block -= self._mean
             block *= self._inv_std
-        return {
+        if finite is not None:
+            block[~finite] = 0.0  # the channel mean, after normalization
+        item = {
             "image": torch.from_numpy(block),
             "wavelengths": self._local_wavelengths.clone(),
             "index": index,
             "epoch": epoch,
         }
+        if self.nodata == "mask":
+            item["valid"] = torch.from_numpy(np.ones(block.shape, dtype=bool) if finite is None else finite)
+        return item
 
     def close(self) -> None:
         for reader in self.readers:

@@ -1,14 +1,14 @@
-"""Which cube files make up a collection: listing, the train/val split by file, the metadata scan.
+"""Which cube files make up a collection: listing and the metadata scan.
 
-:func:`list_cube_files` finds the cubes of a directory (or takes a file or a list),
-:func:`split_files` splits them deterministically by file name, and :func:`scan_cubes` opens every
-file's metadata and checks the contract across files (same channel count, the crop fits, one band
-set) before any training step, with errors naming the offending file.
+:func:`list_cube_files` finds the cubes of a directory (or takes a file or a list), and
+:func:`scan_cubes` opens every file's metadata and checks the contract across files (same channel
+count, the crop fits, one band set) before any training step, with errors naming the offending
+file. How a collection is split into train / validation / test files is
+:mod:`~megatron_dchag.data.hyperspectral.splits`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +26,6 @@ from megatron_dchag.data.hyperspectral.formats import (
     PathLike,
     open_cube,
 )
-
-SPLITS = ("train", "val", "all")
 
 
 def list_cube_files(path_or_files: Union[PathLike, Sequence[PathLike]], file_format: str = "auto") -> List[Path]:
@@ -66,36 +64,6 @@ def list_cube_files(path_or_files: Union[PathLike, Sequence[PathLike]], file_for
     if not files:
         raise ValueError("empty list of cube files")
     return files
-
-
-def split_files(files: Sequence[Path], split: str, val_fraction: float, split_seed: int = 0) -> List[Path]:
-    """Deterministic train/val split by file.
-
-    The ``round(n * val_fraction)`` files (at least one when ``val_fraction > 0`` and there are at
-    least two files) with the smallest ``sha1(split_seed, file name)`` form the validation set. The
-    result depends on the file names only: not on listing order, the training seed or the rank.
-    Returned in the input order.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} must be one of {SPLITS}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    if split == "all":
-        return list(files)
-    n = len(files)
-    n_val = int(round(n * val_fraction))
-    if val_fraction > 0 and n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
-    else:
-        n_val = min(n_val, max(n - 1, 0))
-    keys = [hashlib.sha1(f"{split_seed}:{Path(f).name}".encode()).hexdigest() for f in files]
-    val_ids = set(sorted(range(n), key=lambda i: (keys[i], str(files[i])))[:n_val])
-    chosen = [f for i, f in enumerate(files) if (i in val_ids) == (split == "val")]
-    if not chosen:
-        raise ValueError(
-            f"split={split!r} is empty: {n} files with val_fraction={val_fraction} gives {n_val} validation files"
-        )
-    return chosen
 
 
 @dataclass

@@ -7,11 +7,18 @@
     or ``float32``). Optional ``wavelengths`` attribute (nm; one value per channel) on the
     dataset or on the file, with an optional ``wavelength_units`` attribute (``nm`` or
     ``micrometers``). Chunking one chunk per channel plane (``chunks=(1, H, W)``) or contiguous
-    storage makes a channel slice cost exactly its share of the file.
+    storage makes a channel slice cost exactly its share of the file. Optional no-data value: a
+    fill-value attribute (:data:`HDF5_NODATA_ATTRIBUTES`, e.g. ``_FillValue`` or ``nodata``) on the
+    dataset or the file; optional ``reflectance_scale_factor`` attribute (ENVI's meaning, below).
   - ENVI: a text header (``.hdr``) next to a raw binary file (``.img``, ``.dat``, ``.raw``, ``.bsq``,
     ``.bil``, ``.bip``, ``.bin`` or no extension). Interleave BSQ/BIL/BIP, ENVI data type codes
     1, 2, 3, 4, 5, 12, 13, 14, 15, byte order, header offset, ``wavelength = {...}`` with
-    ``wavelength units`` (nanometers or micrometers; converted to nm).
+    ``wavelength units`` (nanometers or micrometers; converted to nm), ``data ignore value`` (the
+    no-data value) and ``reflectance scale factor``.
+  - Values as read: ``stored / reflectance scale factor`` in float32 (``stored`` when there is no
+    factor), and NaN wherever the stored value equals the no-data value (compared before scaling,
+    in the stored type). NaN and infinities stored in float cubes stay as they are. The same
+    stored data and metadata therefore read bit-identically from HDF5 and from ENVI.
 
   :func:`write_hdf5_cube` and :func:`write_envi_cube` write that contract (atomically).
 
@@ -19,7 +26,8 @@
   :func:`open_cube`). A reader reads *only* the requested channel slice and spatial window (an
   h5py hyperslab, or a slice of a ``np.memmap``); it never loads the whole cube. Each reader
   counts the bytes it touched (``bytes_read``) so tests can show that a TP rank of ``T`` reads
-  ``1/T`` of the data. Any I/O failure raises :class:`CubeReadError` naming the file; a file that
+  ``1/T`` of the data. :meth:`CubeReader.read_with_nodata` also returns where the file's no-data
+  value was found (statistics count it apart from stored NaN). Any I/O failure raises :class:`CubeReadError` naming the file; a file that
   breaks the contract raises :class:`CubeFormatError` naming the file and the field.
 
 This is the format layer only: which files form a collection lives in
@@ -59,6 +67,11 @@ ENVI_DTYPES: Dict[int, np.dtype] = {
     15: np.dtype(np.uint64),
 }
 ENVI_INTERLEAVES = ("bsq", "bil", "bip")
+# Attributes (on the dataset, else on the file) that hold an HDF5 cube's no-data value, first match wins.
+HDF5_NODATA_ATTRIBUTES = ("_FillValue", "fill_value", "FillValue", "missing_value", "nodata", "no_data_value",
+                          "NoDataValue", "data_ignore_value", "data ignore value")
+# Attributes that hold an HDF5 cube's reflectance scale factor (ENVI's meaning: divide by it).
+HDF5_SCALE_ATTRIBUTES = ("reflectance_scale_factor", "reflectance scale factor")
 
 
 class CubeFormatError(ValueError):
@@ -101,12 +114,52 @@ def _as_str(value: Any) -> str:
     return str(value)
 
 
+def _metadata_number(value: Any, where: str) -> float:
+    """A numeric metadata value (a number, a one-element array, or its text) as a float."""
+    try:
+        array = np.asarray(_as_str(value) if isinstance(value, bytes) else value).reshape(-1)
+        if array.size != 1:
+            raise ValueError
+        item = array[0]
+        return float(item.decode() if isinstance(item, bytes) else item)
+    except (TypeError, ValueError):
+        raise CubeFormatError(f"{where} = {value!r} is not a number") from None
+
+
+def _scale_factor(value: Any, where: str) -> float:
+    factor = _metadata_number(value, where)
+    if not (np.isfinite(factor) and factor > 0):
+        raise CubeFormatError(f"{where} = {factor!r} must be a finite number > 0")
+    return factor
+
+
+def stored_value_mask(raw: np.ndarray, value: float) -> Optional[np.ndarray]:
+    """Where ``raw`` (stored dtype) equals ``value`` as that dtype stores it; None when it cannot occur.
+
+    Float cubes compare with ``value`` rounded to the stored precision (a ``-9999.0`` fill value
+    of a float32 cube is ``float32(-9999)``); a NaN value is no extra marker (NaN is always
+    no-data). Integer cubes compare only with an integral value inside the dtype's range.
+    """
+    dtype = raw.dtype
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            target = np.array(value, dtype=np.float64).astype(dtype)
+        if np.isnan(target):
+            return None
+        return raw == target
+    info = np.iinfo(dtype)
+    if not (float(value).is_integer() and info.min <= value <= info.max):
+        return None
+    return raw == dtype.type(int(value))
+
+
 class CubeReader(abc.ABC):
     """Random access to one hyperspectral cube ``[C, H, W]`` stored in one file.
 
     ``read(c0, c1, y0, y1, x0, x1)`` returns channels ``[c0, c1)`` of the window
     ``[y0, y1) x [x0, x1)`` as a C-contiguous float32 array ``[c1 - c0, y1 - y0, x1 - x0]`` and reads
-    nothing else. Counters: ``bytes_read`` (bytes of stored data the reads touched, see each
+    nothing else: stored values divided by :attr:`scale_factor` (when the file gives one), NaN where
+    they equal :attr:`nodata_value` (when it declares one). Counters: ``bytes_read`` (bytes of stored data the reads touched, see each
     implementation), ``bytes_selected`` (bytes of the selected elements at the stored dtype) and
     ``num_reads``.
 
@@ -121,6 +174,10 @@ class CubeReader(abc.ABC):
         self.bytes_selected = 0
         self.num_reads = 0
         self._owner_pid: Optional[int] = None
+        # The file's no-data value in stored units (HDF5 fill-value attribute, ENVI ``data ignore
+        # value``) and its reflectance scale factor; None: the file declares none.
+        self.nodata_value: Optional[float] = None
+        self.scale_factor: Optional[float] = None
 
     # -- metadata ----------------------------------------------------------------------------
     @property
@@ -153,6 +210,13 @@ class CubeReader(abc.ABC):
     # -- reading -----------------------------------------------------------------------------
     def read(self, channel_start: int, channel_stop: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Channels ``[channel_start, channel_stop)`` of window ``[y0, y1) x [x0, x1)`` as float32 ``[c, h, w]``."""
+        return self.read_with_nodata(channel_start, channel_stop, y0, y1, x0, x1)[0]
+
+    def read_with_nodata(
+        self, channel_start: int, channel_stop: int, y0: int, y1: int, x0: int, x1: int
+    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """:meth:`read`, plus a boolean ``[c, h, w]`` array that is True where the stored value was the
+        file's no-data value (those values read as NaN), or None where it was nowhere."""
         c, h, w = self.shape
         for name, lo, hi, size in (
             ("channel", channel_start, channel_stop, c),
@@ -174,7 +238,15 @@ class CubeReader(abc.ABC):
             raise CubeReadError(f"{self.path}: read returned shape {block.shape}, expected {expected}")
         self.num_reads += 1
         self.bytes_selected += int(np.prod(expected)) * self.dtype.itemsize
-        return np.ascontiguousarray(block, dtype=np.float32)
+        nodata = None if self.nodata_value is None else stored_value_mask(block, self.nodata_value)
+        if nodata is not None and not nodata.any():
+            nodata = None
+        values = np.ascontiguousarray(block, dtype=np.float32)
+        if self.scale_factor is not None:  # in place: the block is this read's own array
+            values /= np.float32(self.scale_factor)
+        if nodata is not None:
+            values[nodata] = np.nan
+        return values, nodata
 
     def read_channels(self, channel_start: int, channel_stop: int) -> np.ndarray:
         """Channels ``[channel_start, channel_stop)`` over the full spatial extent."""
@@ -185,7 +257,8 @@ class CubeReader(abc.ABC):
 
     @abc.abstractmethod
     def _read_block(self, c0: int, c1: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Return the block as ``[c, h, w]`` (any dtype) and add to ``self.bytes_read``."""
+        """Return the block as a new array ``[c, h, w]`` (any dtype; never a view of a file mapping)
+        and add to ``self.bytes_read``."""
 
     @abc.abstractmethod
     def _drop_handles(self) -> None:
@@ -324,6 +397,8 @@ class HDF5CubeReader(CubeReader):
                     f"has {shape[0]} channels"
                 )
             chunks = tuple(int(v) for v in ds.chunks) if ds.chunks is not None else None
+            self.nodata_value = self._first_attribute(ds, f, HDF5_NODATA_ATTRIBUTES, _metadata_number)
+            self.scale_factor = self._first_attribute(ds, f, HDF5_SCALE_ATTRIBUTES, _scale_factor)
             return shape, dtype, chunks, wavelengths
         except (KeyError, RuntimeError, OSError) as err:
             raise CubeReadError(f"{self.path}: cannot read HDF5 metadata: {err}") from err
@@ -333,6 +408,14 @@ class HDF5CubeReader(CubeReader):
                 self.file_bytes_read += self._raw.bytes_read
                 self._raw.close()
                 self._raw = None
+
+    def _first_attribute(self, ds: Any, f: Any, names: Sequence[str], parse: Any) -> Optional[float]:
+        """The first of ``names`` found on the dataset, else on the file, parsed; None if absent."""
+        for obj, where in ((ds, f"dataset {self.dataset_name!r}"), (f, "the file")):
+            for name in names:
+                if name in obj.attrs:
+                    return parse(obj.attrs[name], f"{self.path}: attribute {name!r} of {where}")
+        return None
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -525,6 +608,11 @@ class ENVICubeReader(CubeReader):
                 raise CubeFormatError(f"{hp}: ENVI 'wavelength' has {values.size} values but bands = {bands}")
             scale = _wavelength_scale_to_nm(header.get("wavelength units"), values, f"{hp}: 'wavelength units'")
             self._wavelengths = None if scale is None else values * scale
+        if header.get("data ignore value", "").strip():
+            self.nodata_value = _metadata_number(header["data ignore value"], f"{hp}: ENVI 'data ignore value'")
+        if header.get("reflectance scale factor", "").strip():
+            self.scale_factor = _scale_factor(header["reflectance scale factor"],
+                                              f"{hp}: ENVI 'reflectance scale factor'")
         self._memmap: Optional[np.memmap] = None
 
     @property
@@ -624,13 +712,19 @@ def write_hdf5_cube(
     chunks: Union[str, Tuple[int, int, int], None] = "channel",
     compression: Optional[str] = None,
     attrs: Optional[Mapping[str, Any]] = None,
+    nodata_value: Optional[float] = None,
+    nodata_attribute: str = "_FillValue",
+    scale_factor: Optional[float] = None,
 ) -> Path:
     """Write ``cube_chw`` ``[C, H, W]`` as one HDF5 cube file (temp file + ``os.replace``).
 
     ``chunks``: ``"channel"`` (one chunk per channel plane, ``(1, H, W)`` for CHW and ``(H, W, 1)``
     for HWC: a channel slice reads exactly its share), ``"contiguous"`` / None (no chunking), or an
     explicit chunk shape in storage order. ``wavelengths`` (nm) go into the dataset's
-    ``wavelengths`` attribute with ``wavelength_units = "nm"``.
+    ``wavelengths`` attribute with ``wavelength_units = "nm"``. ``attrs`` go on the file;
+    ``nodata_value`` goes into the dataset attribute ``nodata_attribute`` (one of
+    :data:`HDF5_NODATA_ATTRIBUTES`) in the stored dtype, ``scale_factor`` into
+    ``reflectance_scale_factor``.
     """
     import h5py
 
@@ -664,6 +758,12 @@ def write_hdf5_cube(
                     raise ValueError(f"got {wl.size} wavelengths for {c} channels")
                 ds.attrs["wavelengths"] = wl
                 ds.attrs["wavelength_units"] = "nm"
+            if nodata_value is not None:
+                if nodata_attribute not in HDF5_NODATA_ATTRIBUTES:
+                    raise ValueError(f"nodata_attribute={nodata_attribute!r} must be one of {HDF5_NODATA_ATTRIBUTES}")
+                ds.attrs[nodata_attribute] = np.array(nodata_value).astype(data.dtype)
+            if scale_factor is not None:
+                ds.attrs["reflectance_scale_factor"] = float(scale_factor)
             for key, value in (attrs or {}).items():
                 f.attrs[key] = value
         publish_temp_file(tmp, path)
@@ -684,12 +784,15 @@ def write_envi_cube(
     data_extension: str = ".img",
     wavelength_units: str = "Nanometers",
     description: str = "megatron_dchag hyperspectral cube",
+    data_ignore_value: Optional[float] = None,
+    reflectance_scale_factor: Optional[float] = None,
 ) -> Tuple[Path, Path]:
     """Write ``cube_chw`` ``[C, H, W]`` as ENVI (``.hdr`` + binary); returns ``(header, data file)``.
 
     The data type code follows the array's dtype (uint8, int16, int32, float32, float64, uint16,
     ...). ``wavelengths`` are given in nm and written in ``wavelength_units`` (Nanometers or
-    Micrometers). ``header_offset`` bytes of zeros precede the data. Both files are written to
+    Micrometers). ``header_offset`` bytes of zeros precede the data. ``data_ignore_value`` and
+    ``reflectance_scale_factor`` become the header fields of those names. Both files are written to
     temporary names first and renamed (data first, header last).
     """
     header_path = Path(header_path)
@@ -731,6 +834,10 @@ def write_envi_cube(
         scale = 1.0 if units in ("nanometers", "nm") else 1e-3
         lines.append(f"wavelength units = {wavelength_units}")
         lines.append("wavelength = {" + ", ".join(f"{v * scale:.10g}" for v in wl) + "}")
+    if data_ignore_value is not None:
+        lines.append(f"data ignore value = {float(data_ignore_value):.17g}")
+    if reflectance_scale_factor is not None:
+        lines.append(f"reflectance scale factor = {float(reflectance_scale_factor):.17g}")
     tmp_data: Optional[str] = None
     tmp_header: Optional[str] = None
     try:
