@@ -12,8 +12,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OMP ?= 1
 
-# Python 3.12 for the second stack: python3.12 on PATH, else pyenv's 3.12.
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || echo "$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12.1/bin/python")
+# Python 3.12 for the second stack: the first of python3.12 on PATH and pyenv's 3.12.x that runs
+# (a pyenv shim for a version that is not selected fails, so each candidate is tried).
+PYTHON312 ?= $(shell for p in python3.12 "$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)"/versions/3.12*/bin/python; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { command -v "$$p"; break; }; done)
 VENV312 ?= .venv-py312
 PY312 := $(VENV312)/bin/python
 STAMP312 := $(VENV312)/.installed-stamp
@@ -22,14 +24,19 @@ STAMP312 := $(VENV312)/.installed-stamp
 VENV_INSTALL_CHECK ?= .venv-install-check
 INSTALL_CHECK_TORCH ?= 2.14.1
 
-# What the second stack runs: everything that talks to megatron-core (compatibility layer, TP/PP/DP/SP
-# equivalence, distributed optimizer, checkpoint save/load/reshard, the convert tool) and one
-# end-to-end run of each entry point.
+# What the second stack runs: everything that talks to megatron-core (compatibility layer, TP/PP/VPP/DP/SP
+# equivalence, distributed optimizer, checkpoint save/load/reshard, the convert tool, bf16 and
+# recompute, FSDP) and one end-to-end run of each entry point and downstream tool.
 SECOND_STACK_TESTS ?= tests/unit \
 	tests/distributed/test_tp_equivalence.py tests/distributed/test_scaleout.py \
 	tests/integration/test_convert_checkpoint.py \
 	tests/integration/test_pretrain_hyperspectral.py::test_resume_is_exact \
-	tests/integration/test_pretrain_era5.py::test_train_tp2_then_evaluate_at_tp1
+	tests/integration/test_pretrain_hyperspectral.py::test_recompute_and_bf16_options \
+	tests/integration/test_pretrain_era5.py::test_train_tp2_then_evaluate_at_tp1 \
+	tests/distributed/test_fsdp.py \
+	tests/integration/test_finetune_hyperspectral.py::test_finetune_from_pretrained_tp2_matches_tp1_and_resumes_exactly \
+	tests/integration/test_forecast_files.py::test_project_rmse_equals_xskillscore_and_the_rollout_is_scored \
+	tests/integration/test_inference.py::test_extract_features_is_the_same_at_tp1_and_tp2_and_never_overwrites
 # The smoke subset of the install check.
 INSTALL_CHECK_TESTS ?= tests/unit/test_cpu_compat.py tests/unit/test_channel_layers.py \
 	tests/distributed/test_tp_equivalence.py

@@ -15,5 +15,5 @@ import sys
 
 from megatron_dchag.cli.pretrain_era5 import main
 
-if __name__ == "__main__":  # guard required: checkpoint saving spawns helper processes that re-import __main__
+if __name__ == "__main__":
     sys.exit(main())

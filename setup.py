@@ -32,6 +32,7 @@ INSTALL_REQUIRES = [
 CONSOLE_SCRIPTS = [
     "dchag-pretrain-hyperspectral = megatron_dchag.cli.pretrain_hyperspectral:main",
     "dchag-pretrain-era5 = megatron_dchag.cli.pretrain_era5:main",
+    "dchag-finetune-hyperspectral = megatron_dchag.cli.finetune_hyperspectral:main",
     "dchag-make-synthetic-hyperspectral = megatron_dchag.cli.make_synthetic_hyperspectral:main",
     "dchag-make-synthetic-era5 = megatron_dchag.cli.make_synthetic_era5:main",
     "dchag-compute-stats = megatron_dchag.cli.compute_stats:main",
@@ -43,8 +44,10 @@ CONSOLE_SCRIPTS = [
     "dchag-convert-checkpoint = megatron_dchag.cli.convert_checkpoint:main",
     "dchag-plot-reconstruction = megatron_dchag.cli.plot_reconstruction:main",
     "dchag-plot-forecast = megatron_dchag.cli.plot_forecast:main",
+    "dchag-forecast-era5 = megatron_dchag.cli.forecast_era5:main",
     "dchag-benchmark = megatron_dchag.cli.benchmark:main",
     "dchag-gpu-check = megatron_dchag.cli.gpu_check:main",
+    "dchag-extract-features = megatron_dchag.cli.extract_features:main",
 ]
 
 setup(
@@ -58,7 +61,8 @@ setup(
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     extras_require={
         # ruff is pinned: `make test` lints, and a new ruff release must not turn CI red by itself.
-        "test": ["pytest>=7.4", "ruff==0.17.6"],
+        # xskillscore: an independent check of the forecast scores (tests/integration/test_forecast_files.py).
+        "test": ["pytest>=7.4", "ruff==0.17.6", "xskillscore>=0.0.29"],
         # Optional accelerators: only imported when present; they do not install on CPU.
         "te": ["transformer-engine[pytorch]"],
     },

@@ -28,6 +28,9 @@ fi
 cores="$(nproc 2>/dev/null || echo 1)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / NPROC > 0 ? cores / NPROC : 1 ))}"
 export HDF5_USE_FILE_LOCKING="${HDF5_USE_FILE_LOCKING:-FALSE}"
+# On SIGTERM/SIGINT torchrun forwards the signal and waits this long before SIGKILLing the ranks:
+# long enough for the stop-save at the next step boundary (torch's default is 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 # torchrun sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*; Slurm variables of an enclosing allocation
 # are then ignored (torchrun's win).
 port="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"

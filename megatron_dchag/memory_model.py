@@ -15,7 +15,9 @@ visible patches`` token positions, ``D`` hidden, ``k = p^2``, ``e`` bytes per ac
 
 Channel stage (held from its forward until its backward)::
 
-    input images     B C_in H W e          (the data loader's batch on the device)
+    input images     B C_in H W e          (the data loader's batch on the device; fp32 for the
+                                            framework megatron, whose Float16Module casts it, the
+                                            fused stage keeping that bf16 copy)
     patches          C_in P k e            (copy kept for the tokenizer's weight gradient)
     tokens           C_in P D e            (kept by their consumer: partial aggregation or, for
                                             tp_baseline, the final cross-attention)
@@ -63,6 +65,26 @@ Precision and optimizer (``framework``):
   megatron-core falls back to ``torch.optim.AdamW``, which steps here one parameter at a time
   (``adam_impl="torch"``, the CPU benchmark): ``sqrt(v)`` and its scaled copy, two fp32
   temporaries of the largest parameter.
+
+Model sharding (``fsdp``, framework ``megatron``: megatron-core's ``TorchFullyShardedDataParallel``,
+torch FSDP2, over the ``F = data_parallel_size`` ranks; ``parallel.use_torch_fsdp2``). The FSDP
+units are the channel stage, each backbone layer and the head; the rest (position table, final
+norm) is the root unit. ``w`` bytes per weight (2 bf16, 4 fp32)::
+
+    parameters       N w / F             (each rank's shard of every unit)
+    optimizer        N (8 [+ 4 master]) / F
+    gradients        N w / F             (sharded .grad, made unit by unit in the backward; no
+                                          persistent buffer, none before the backward)
+    unit buffers     root w + 2 max_unit w      (reshard after forward: the root unit stays
+                                          gathered; a unit's gathered weights and its unsharded
+                                          gradient before the reduce-scatter)
+                     N w                 (no reshard after forward: every unit gathered from its
+                                          forward to its backward)
+    step             N 4 / F             (fp32 main gradients; torch AdamW: + 2 fp32
+                                          temporaries of the largest shard)
+
+The channel-backward moment holds the channel stage's gathered weights and its unsharded gradient,
+``2 channel_params w``, next to the other units' gradient shards.
 """
 
 from __future__ import annotations
@@ -73,8 +95,8 @@ from typing import Dict, List, Optional, Tuple
 
 from megatron_dchag.config import AGGREGATION_LAYERS, STRATEGIES, aggregation_level_sizes, resolve_model, split_evenly
 
-__all__ = ["MemoryConfig", "MemoryEstimate", "estimate_memory", "param_counts", "PAPER_MODELS", "paper_config",
-           "GIB", "GB", "FUSED_BLOCK_CONTRACTION"]
+__all__ = ["MemoryConfig", "MemoryEstimate", "estimate_memory", "param_counts", "fsdp_unit_params", "PAPER_MODELS",
+           "paper_config", "GIB", "GB", "FUSED_BLOCK_CONTRACTION"]
 
 GIB = 2**30
 GB = 10**9
@@ -109,6 +131,8 @@ class MemoryConfig:
     tensor_model_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_optimizer: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the DP ranks (torch FSDP2)
+    fsdp_reshard_after_forward: bool = True
     # training
     micro_batch_size: int = 2
     precision: str = "fp32"  # or "bf16"
@@ -190,6 +214,9 @@ class MemoryConfig:
             raise ValueError(f"num_channels={self.num_channels} < channel_groups={self.groups}")
         if self.num_attention_heads % self.tp or self.agg_heads % self.tp:
             raise ValueError("attention heads must be divisible by the TP size")
+        if self.fsdp and (self.framework != "megatron" or self.distributed_optimizer):
+            raise ValueError("fsdp needs framework=megatron and no distributed_optimizer (FSDP shards the "
+                             "optimizer state itself)")
 
 
 def _owned_group_sizes(cfg: MemoryConfig) -> List[int]:
@@ -295,6 +322,42 @@ def _largest_param(cfg: MemoryConfig) -> int:
     return max(sizes)
 
 
+def fsdp_unit_params(cfg: MemoryConfig) -> Dict[str, int]:
+    """Parameters of one rank per FSDP unit kind: ``channel_stage``, one backbone ``layer``,
+    ``head`` and ``root`` (what belongs to no unit)."""
+    params = param_counts(cfg)
+    d = cfg.hidden_size
+    channel = params["tokenizer"] + params["partial_aggregation"] + params["final_aggregation"]
+    layer = (params["backbone"] - 2 * d - cfg.num_patches * d) // cfg.num_layers
+    return dict(channel_stage=channel, layer=layer, head=params["head"],
+                root=params["total"] - channel - cfg.num_layers * layer - params["head"])
+
+
+def _fsdp_phases(cfg: MemoryConfig, n_params: int, activations: Dict[str, float]) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """The three moments under FSDP (see the module docstring), and the gradient bytes of each."""
+    f, w = cfg.data_parallel_size, (2.0 if cfg.precision == "bf16" else 4.0)
+    units = fsdp_unit_params(cfg)
+    sharded = n_params * w / f
+    optimizer = n_params * (8.0 + (4.0 if cfg.precision == "bf16" else 0.0)) / f
+    largest_unit = max(units["channel_stage"], units["layer"], units["head"]) * w
+    if cfg.fsdp_reshard_after_forward:
+        gathered = units["root"] * w + 2 * largest_unit
+    else:
+        gathered = n_params * w + largest_unit  # every unit gathered, plus one unsharded gradient
+    step_grads = n_params * 4.0 / f
+    step_transient = 2 * _largest_param(cfg) * 4.0 / f if cfg.adam_impl == "torch" else 0.0
+    channel = units["channel_stage"]
+    channel_grads = (n_params - channel) * w / f + channel * w
+    base = sharded + optimizer + activations["inputs"]
+    phases = {
+        "forward_end": base + activations["forward"] + gathered,
+        "channel_backward": base + activations["channel_backward"] + units["root"] * w + channel * w + channel_grads,
+        "optimizer_step": base + step_grads + step_transient,
+    }
+    grads = {"forward_end": 0.0, "channel_backward": channel_grads, "optimizer_step": step_grads + step_transient}
+    return phases, grads
+
+
 def estimate_memory(cfg: MemoryConfig) -> MemoryEstimate:
     """Per-rank peak memory (bytes) of a training step, with its breakdown."""
     cfg.validate()
@@ -320,7 +383,9 @@ def estimate_memory(cfg: MemoryConfig) -> MemoryEstimate:
         step_transient = n_params * s_b + (2 * _largest_param(cfg) * 4.0 if cfg.adam_impl == "torch" else 0.0)
 
     # ---- channel stage -----------------------------------------------------------------------
-    inputs = b * c_in * h_img * w_img * e
+    # The trainer's batch is fp32 whatever the precision (Float16Module casts it inside the model).
+    image_elements = b * c_in * h_img * w_img
+    inputs = image_elements * (4 if cfg.framework == "megatron" else e)
     patches = c_in * pos * k * e
     tokens = c_in * pos * d * e
     saved = patches + tokens
@@ -356,6 +421,8 @@ def estimate_memory(cfg: MemoryConfig) -> MemoryEstimate:
         saved, grad = 0.0, 0.0
         agg_saved = own_groups * pos * d * e
         fused_work = pos * widest * e + widest * d * 4 + 2 * own_groups * pos * d * e
+        if cfg.framework == "megatron" and cfg.precision == "bf16":
+            agg_saved += image_elements * e  # the bf16 copy of the images, kept for the weight gradient
         grads_in_channel_bwd = all_grads
         if cfg.framework == "megatron":  # the tokenizer's weight gradient, until DDP adds it to main_grad
             grads_in_channel_bwd += c_in * k * d * w_b
@@ -394,10 +461,18 @@ def estimate_memory(cfg: MemoryConfig) -> MemoryEstimate:
         # optimizer step: every gradient, transient fp32 copies
         "optimizer_step": parameters + optimizer + inputs + all_grads + step_transient,
     }
+    grads_by_phase = {"forward_end": all_grads if cfg.framework == "megatron" else 0.0,
+                      "channel_backward": grads_in_channel_bwd, "optimizer_step": all_grads + step_transient}
+    if cfg.fsdp:
+        phases, grads_by_phase = _fsdp_phases(cfg, n_params, dict(
+            inputs=inputs, forward=channel_held + backbone_fwd + backbone_bwd_extra + head + small,
+            channel_backward=channel_bwd + small))
+        parameters = n_params * w_b / cfg.data_parallel_size
+        optimizer = n_params * (8.0 + (4.0 if cfg.precision == "bf16" else 0.0)) / cfg.data_parallel_size
     peak_phase = max(phases, key=phases.get)
     total = phases[peak_phase]
-    grads_at_peak = {"forward_end": all_grads if cfg.framework == "megatron" else 0.0,
-                     "channel_backward": grads_in_channel_bwd, "optimizer_step": all_grads + step_transient}[peak_phase]
+    grads_at_peak = grads_by_phase[peak_phase]
+    # under FSDP this includes the gathered unit buffers
     activations = total - parameters - optimizer - inputs - grads_at_peak
     tokenizer_part = 0.0 if cfg.fused else patches + (0.0 if cfg.strategy == "dist_tokenize" else tokens)
     parts = {

@@ -25,6 +25,8 @@ FLOAT64_EPS = torch.finfo(torch.float64).eps  # 2.2e-16
 FLOAT32_REL = 1e-5
 # Different float64 code paths: ~4,500 eps, still 1e-10 of the largest magnitude.
 FLOAT64_REL = 1e-10
+# bf16 runs whose reductions round differently (bf16 against fp32 gradient reduction): one bf16 eps.
+BFLOAT16_REL = torch.finfo(torch.bfloat16).eps  # 2^-7
 
 
 def default_rel(dtype: torch.dtype) -> float:

@@ -30,6 +30,12 @@ Timed steps of the cases that share a TP size and channel count are **interleave
 so background load on a shared machine hits all of them alike; the figures that count are ratios
 against ``tp_baseline`` measured in the same run.
 
+``--fsdp F ...`` (or ``--layouts TPxFSDP ...``) adds model-sharding layouts: a case at TP ``t`` and
+FSDP ``f`` runs on ``t x f`` processes with ``parallel.use_torch_fsdp2`` (megatron-core's
+``TorchFullyShardedDataParallel`` in place of DDP, parameters, gradients and Adam state sharded
+over the ``f`` data-parallel ranks, each fed its own micro-batch); its label ends in ``-fsdpF`` and
+it is compared with ``tp_baseline`` at the same layout.
+
 ``--channel-stage-impl auto fused reference`` (any of them) sets ``model.channel_stage_impl`` for
 the cases whose tree can run fused (a linear partial-aggregation tree); such a case is run once per
 value and its label ends in the value. The other cases have only the reference path and run once.
@@ -39,6 +45,11 @@ machine), ``--markdown`` (a table with ratios against ``tp_baseline`` at the sam
 count) and ``--plot`` (PNG: memory and throughput vs channels, one line per case).
 ``--tokenizer-bench`` instead times the grouped tokenizer against a per-channel loop of patch
 embeddings in one process (layers only, no training step).
+``--channel-stage-bench`` instead runs the ``dchag`` channel stage alone (TP=1, one process) on
+both paths of a linear tree, fused and reference, with identical parameters: per case (``--channels``
+x ``--trees`` x ``--visible-fractions``) the peak of one forward + backward under MemTracker, the
+median time of interleaved forward + backward steps, and the largest relative difference of the
+outputs and gradients (a fused path that differs reports a mismatch, not a speed-up).
 
 Examples::
 
@@ -46,6 +57,8 @@ Examples::
         --strategies tp_baseline dist_tokenize hierarchical dchag --layers linear cross_attention \\
         --channel-stage-impl auto reference --json docs/bench/main.json --markdown docs/bench/main.md
     python tools/benchmark.py --tokenizer-bench --channels 500 --json docs/bench/tokenizer.json
+    python tools/benchmark.py --channel-stage-bench --channels 1024 512 --trees '[]' '[64,4]' \\
+        --visible-fractions 1.0 0.25 --steps 7 --json docs/bench/fused_channel_stage.json
 
 (installed as the console script ``dchag-benchmark`` with the same flags). Cases that cannot run
 (e.g. groups not divisible by TP, a tree chunk larger than a group) are reported with the reason,
@@ -68,7 +81,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_dchag.config.sections import CHANNEL_STAGE_IMPLS
 
@@ -84,6 +97,23 @@ FRAMEWORK = "megatron"
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
+
+
+def parse_layout(text: str) -> Tuple[int, int]:
+    """``"2x2"`` -> (TP 2, FSDP 2)."""
+    try:
+        tp, fsdp = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layouts {text!r}: expected TPxFSDP, e.g. 2x2") from None
+    if tp < 1 or fsdp < 1:
+        raise argparse.ArgumentTypeError(f"--layouts {text!r}: TP and FSDP must be >= 1")
+    return tp, fsdp
+
+
+def layouts_of(args: argparse.Namespace) -> List[Tuple[int, int]]:
+    """The (TP, FSDP) layouts to run, in order: ``--layouts``, else every ``--tp`` x ``--fsdp``."""
+    layouts = getattr(args, "layouts", None)
+    return list(layouts) if layouts else [(tp, fsdp) for tp in args.tp for fsdp in getattr(args, "fsdp", [1])]
 
 
 def parse_tree(text: str) -> List[int]:
@@ -108,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                    dest="channel_stage_impls",
                    help="model.channel_stage_impl values for the cases with a linear tree (one case each)")
     g.add_argument("--tp", nargs="+", type=int, default=[4], help="tensor-parallel sizes (processes)")
+    g.add_argument("--fsdp", nargs="+", type=int, default=[1],
+                   help="FSDP degrees: a case at TP t and FSDP f runs on t x f processes, its parameters, "
+                        "gradients and optimizer state sharded over the f data-parallel ranks "
+                        "(parallel.use_torch_fsdp2); 1: megatron DDP over one data-parallel rank")
+    g.add_argument("--layouts", nargs="+", type=parse_layout, default=None, metavar="TPxFSDP",
+                   help="(TP, FSDP) pairs in place of every --tp x --fsdp combination, e.g. 4x1 2x2 1x4")
     g.add_argument("--channels", nargs="+", type=int, default=[256, 512, 1024])
     g = p.add_argument_group("model (defaults: the benchmark configuration of docs/performance.md)")
     g.add_argument("--image-size", nargs=2, type=int, default=[64, 128], metavar=("H", "W"))
@@ -147,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-repeats", type=int, default=5)
     g.add_argument("--tokenizer-mask-ratio", type=float, default=None,
                    help="also time MAE-style tokenization of the visible patches only")
+    g = p.add_argument_group("channel-stage benchmark (also: --channels, --trees, --channel-groups, --steps, "
+                                 "--warmup, --threads, --seed and the model sizes)")
+    g.add_argument("--channel-stage-bench", action="store_true",
+                   help="one process, TP=1: the dchag channel stage fused vs reference (linear trees), "
+                        "forward + backward of the stage alone")
+    g.add_argument("--visible-fractions", nargs="+", type=float, default=[1.0],
+                   help="fractions of patch positions given to the stage (1.0: all; < 1: a masked MAE input)")
     return p
 
 
@@ -163,6 +206,7 @@ class Case:
     tp: int
     channels: int
     channel_stage_impl: str = "auto"
+    fsdp: int = 1  # data-parallel ranks the model is sharded over (1: DDP, nothing sharded)
     status: str = "pending"  # ok | skipped | failed
     reason: Optional[str] = None
 
@@ -176,8 +220,14 @@ class Case:
         if self.strategy in PARTIAL:
             kind = "L" if self.layer == "linear" else "C"
             label = f"{self.strategy}-{kind}-tree{json.dumps(self.tree).replace(' ', '')}"
-            return f"{label}-{self.channel_stage_impl}" if self.fusable else label
-        return self.strategy
+            label = f"{label}-{self.channel_stage_impl}" if self.fusable else label
+        else:
+            label = self.strategy
+        return f"{label}-fsdp{self.fsdp}" if self.fsdp > 1 else label
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.fsdp
 
 
 def model_config_for(args: argparse.Namespace, case: Case):
@@ -201,7 +251,8 @@ def model_config_for(args: argparse.Namespace, case: Case):
 
 
 def experiment_config_for(args: argparse.Namespace, case: Case):
-    """The resolved config a training run of this case would have (TP = T, PP = DP = 1)."""
+    """The resolved config a training run of this case would have (TP = T, PP = 1, DP = the FSDP
+    degree, FSDP when it is above 1)."""
     from megatron_dchag.config import ExperimentConfig, ParallelConfig, TrainingConfig, resolve_config
 
     training = TrainingConfig(
@@ -209,7 +260,8 @@ def experiment_config_for(args: argparse.Namespace, case: Case):
         recompute_granularity="channel_stage" if args.recompute_channel_stage else None,
     )
     cfg = ExperimentConfig(model=model_config_for(args, case),
-                           parallel=ParallelConfig(tensor_model_parallel_size=case.tp), training=training)
+                           parallel=ParallelConfig(tensor_model_parallel_size=case.tp, use_torch_fsdp2=case.fsdp > 1),
+                           training=training)
     return resolve_config(cfg)
 
 
@@ -218,7 +270,7 @@ def enumerate_cases(args: argparse.Namespace) -> List[Case]:
 
     cases: List[Case] = []
     strategies = [s for s in STRATEGY_ORDER if s in args.strategies]
-    for tp in args.tp:
+    for tp, fsdp in layouts_of(args):
         for channels in args.channels:
             for strategy in strategies:
                 if strategy in PARTIAL:
@@ -228,7 +280,7 @@ def enumerate_cases(args: argparse.Namespace) -> List[Case]:
                 for layer, tree in variants:
                     fusable = strategy in PARTIAL and layer == "linear"
                     for impl in (args.channel_stage_impls if fusable else ["auto"]):
-                        case = Case(strategy, layer, tree, tp, channels, channel_stage_impl=impl)
+                        case = Case(strategy, layer, tree, tp, channels, channel_stage_impl=impl, fsdp=fsdp)
                         try:
                             validate_model_config(model_config_for(args, case), tp)
                         except (ConfigError, ValueError) as exc:
@@ -294,8 +346,10 @@ class Runner:
         return [p for m in self.models for p in m.parameters()]
 
     def grad_buffers(self) -> List[Any]:
-        """DDP's contiguous gradient buffers (each parameter's ``main_grad`` is a view into one)."""
-        return [buf.grad_data for m in self.models for buf in (m.buffers + m.expert_parallel_buffers)]
+        """DDP's contiguous gradient buffers (each parameter's ``main_grad`` is a view into one);
+        none under FSDP (its gradients are the parameters' sharded ``.grad``)."""
+        return [buf.grad_data for m in self.models if hasattr(m, "expert_parallel_buffers")
+                for buf in (m.buffers + m.expert_parallel_buffers)]
 
     def inner_optimizers(self) -> List[Any]:
         """The torch optimizers inside the megatron optimizer (one per chained optimizer)."""
@@ -305,9 +359,9 @@ class Runner:
     def main_params(self) -> List[Any]:
         """The optimizer's own parameter copies (fp32 main parameters of bf16 weights): every tensor
         it steps that is not a model parameter."""
-        model_storages = {p.untyped_storage().data_ptr() for p in self.parameters()}
-        return [p for opt in self.inner_optimizers() for group in opt.param_groups for p in group["params"]
-                if p.untyped_storage().data_ptr() not in model_storages]
+        model_storages = {_local(p).untyped_storage().data_ptr() for p in self.parameters()}
+        return [_local(p) for opt in self.inner_optimizers() for group in opt.param_groups for p in group["params"]
+                if _local(p).untyped_storage().data_ptr() not in model_storages]
 
     def adam_impl(self) -> str:
         """``torch`` when megatron-core fell back to torch's AdamW (no apex / Transformer Engine),
@@ -316,7 +370,7 @@ class Runner:
         return "torch" if type(inner).__module__.startswith("torch.optim") else "fused"
 
     def optimizer_state_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for opt in self.inner_optimizers() for st in opt.state.values()
+        return sum(_local(v).numel() * v.element_size() for opt in self.inner_optimizers() for st in opt.state.values()
                    for v in st.values() if hasattr(v, "numel"))
 
     def release(self) -> None:
@@ -325,8 +379,13 @@ class Runner:
         gc.collect()
 
 
+def _local(t):
+    """This rank's part of a tensor: the local shard of an FSDP ``DTensor``, else the tensor."""
+    return getattr(t, "_local_tensor", t)
+
+
 def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(_local(t).numel() * t.element_size() for t in tensors)
 
 
 def _sync(device) -> None:
@@ -354,6 +413,7 @@ class _ModuleBufferList(list):
 
 @contextlib.contextmanager
 def _callable_ddp_buffers(models):
+    models = [m for m in models if not callable(m.buffers)]  # DDP only (FSDP keeps the module method)
     saved = [m.buffers for m in models]
     for m in models:
         m.buffers = _ModuleBufferList(m, m.buffers)
@@ -462,7 +522,7 @@ def run_group(args, cases: List[Case], device, deadline: float) -> List[Dict[str
             runner = Runner(args, case)
             mem = measure_memory_gpu(runner, args.mem_steps) if device.type == "cuda" else \
                 measure_memory_cpu(runner, args.mem_steps)
-            mem["params_per_rank"] = sum(p.numel() for p in runner.parameters())
+            mem["params_per_rank"] = sum(_local(p).numel() for p in runner.parameters())
             mem["input_channels"] = list(runner.model.input_channel_range)
             inner = runner.inner_optimizers()[0]
             mem["optimizer_class"] = f"{type(inner).__module__}.{type(inner).__qualname__}"
@@ -504,9 +564,10 @@ def run_group(args, cases: List[Case], device, deadline: float) -> List[Dict[str
 
 
 def worker(rank: int, tp: int, port: int, args_dict: Dict[str, Any], case_dicts: List[Dict[str, Any]],
-           result_path: str, deadline: float, use_cuda: bool) -> None:
+           result_path: str, deadline: float, use_cuda: bool, world: Optional[int] = None) -> None:
+    world = world or tp
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(tp), LOCAL_WORLD_SIZE=str(tp))
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     import io
     import warnings
 
@@ -529,13 +590,14 @@ def worker(rank: int, tp: int, port: int, args_dict: Dict[str, Any], case_dicts:
     results: List[Optional[Dict[str, Any]]] = [None] * len(cases)
     for channels, idx in groups.items():
         recs = run_group(args, [cases[i] for i in idx], device, deadline)
-        everyone: List[Any] = [None] * tp
+        everyone: List[Any] = [None] * world
         dist.all_gather_object(everyone, recs)
         for j, i in enumerate(idx):
-            per_rank = [everyone[r][j] for r in range(tp)]
+            per_rank = [everyone[r][j] for r in range(world)]
             results[i] = merge_rank_records(per_rank)
         if rank == 0:
-            print(f"[benchmark] TP={tp} channels={channels}: " + ", ".join(
+            fsdp = f" FSDP={world // tp}" if world > tp else ""
+            print(f"[benchmark] TP={tp}{fsdp} channels={channels}: " + ", ".join(
                 f"{cases[i].label}={_fmt_status(results[i])}" for i in idx), flush=True)
     if rank == 0:
         _atomic_write(result_path, json.dumps(results))
@@ -636,15 +698,16 @@ def run_cases(args, cases: List[Case], use_cuda: bool) -> List[Dict[str, Any]]:
     deadline = time.time() + args.time_budget
     records: List[Dict[str, Any]] = []
     args_dict = {k: v for k, v in vars(args).items()}
-    for tp in sorted(set(c.tp for c in cases), key=args.tp.index):
-        todo = [c for c in cases if c.tp == tp and c.status == "pending"]
+    for tp, fsdp in [layout for layout in layouts_of(args) if any((c.tp, c.fsdp) == layout for c in cases)]:
+        world = tp * fsdp
+        todo = [c for c in cases if (c.tp, c.fsdp) == (tp, fsdp) and c.status == "pending"]
         results: List[Optional[Dict[str, Any]]] = [None] * len(todo)
-        if todo and use_cuda and tp > _gpu_count():
-            results = [{"status": "skipped", "reason": f"TP={tp} needs {tp} GPUs, {_gpu_count()} present"}] * len(todo)
+        if todo and use_cuda and world > _gpu_count():
+            results = [{"status": "skipped", "reason": f"TP={tp} x FSDP={fsdp} needs {world} GPUs, {_gpu_count()} present"}] * len(todo)
         elif todo and time.time() >= deadline:
             results = [{"status": "skipped", "reason": "time budget exhausted"}] * len(todo)
         elif todo:
-            threads = args.threads or max(1, (os.cpu_count() or 1) // tp)
+            threads = args.threads or max(1, (os.cpu_count() or 1) // world)
             args_dict["threads"] = threads
             with tempfile.TemporaryDirectory(prefix="dchag_bench_") as tmp:
                 result_path = os.path.join(tmp, "result.json")
@@ -654,13 +717,13 @@ def run_cases(args, cases: List[Case], use_cuda: bool) -> List[Dict[str, Any]]:
                     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # --device cpu on a machine with GPUs
                 try:
                     mp.start_processes(worker, args=(tp, _free_port(), args_dict, [dataclasses.asdict(c) for c in todo],
-                                                     result_path, deadline, use_cuda),
-                                       nprocs=tp, join=True, start_method=_start_method())
+                                                     result_path, deadline, use_cuda, world),
+                                       nprocs=world, join=True, start_method=_start_method())
                     with open(result_path) as fh:
                         results = json.load(fh)
                 except Exception as exc:  # noqa: BLE001 - a crashed rank fails its TP size, not the run
                     msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-                    results = [{"status": "failed", "reason": f"TP={tp} processes failed: {msg}"}] * len(todo)
+                    results = [{"status": "failed", "reason": f"TP={tp} x FSDP={fsdp} processes failed: {msg}"}] * len(todo)
                 finally:
                     for k, v in saved_env.items():
                         if v is None:
@@ -671,7 +734,7 @@ def run_cases(args, cases: List[Case], use_cuda: bool) -> List[Dict[str, Any]]:
             c.status, c.reason = r.get("status", "failed"), r.get("reason")
         by_case = {id(c): r for c, r in zip(todo, results)}
         for c in cases:
-            if c.tp != tp:
+            if (c.tp, c.fsdp) != (tp, fsdp):
                 continue
             records.append(make_record(args, c, by_case.get(id(c), {})))
     return records
@@ -708,6 +771,7 @@ def make_record(args, case: Case, measured: Dict[str, Any]) -> Dict[str, Any]:
         "channel_stage": "fused" if cfg.fuses_channel_stage else "reference",
         "label": case.label,
         "tp": case.tp,
+        "fsdp": case.fsdp,
         "channels": case.channels,
         "channel_groups": resolve_model(cfg, case.tp).channel_groups,
         "micro_batch_size": args.micro_batch_size,
@@ -731,7 +795,7 @@ def make_record(args, case: Case, measured: Dict[str, Any]) -> Dict[str, Any]:
         rec.update({k: v for k, v in measured.items() if k not in ("status", "reason")})
         t = rec.get("step_time_s")
         if t:
-            rec["samples_per_s"] = args.micro_batch_size / t
+            rec["samples_per_s"] = args.micro_batch_size * case.fsdp / t  # one micro-batch per DP rank
             rec["tflops"] = rec["flops_per_step"] / t / case.tp / 1e12
     elif measured.get("traceback"):
         rec["traceback"] = measured["traceback"]
@@ -751,18 +815,25 @@ def _tree_str(tree) -> str:
     return "-" if tree is None else json.dumps(tree).replace(" ", "")
 
 
+def _layout_str(rec: Dict[str, Any]) -> str:
+    """The TP size, with the FSDP degree where the case shards over data-parallel ranks."""
+    return f"{rec['tp']} x FSDP{rec['fsdp']}" if rec.get("fsdp", 1) > 1 else str(rec["tp"])
+
+
 def baseline_for(records: List[Dict[str, Any]], rec: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     for r in records:
         if r["strategy"] == "tp_baseline" and r["tp"] == rec["tp"] and r["channels"] == rec["channels"] \
-                and r["status"] == "ok":
+                and r.get("fsdp", 1) == rec.get("fsdp", 1) and r["status"] == "ok":
             return r
     return None
 
 
-def _training_note(cfg: Dict[str, Any]) -> str:
+def _training_note(cfg: Dict[str, Any], fsdp_layouts: bool = False) -> str:
     if cfg.get("framework") == FRAMEWORK:
-        return ("Training step: the trainer's (megatron-core DDP with an fp32 main-grad buffer, get_megatron_optimizer "
-                "Adam with clipping" + (", Float16Module + fp32 main parameters" if cfg["bf16"] else "") + ").")
+        fsdp = "; TorchFullyShardedDataParallel (torch FSDP2) in its place at FSDP > 1" if fsdp_layouts else ""
+        return ("Training step: the trainer's (megatron-core DDP with an fp32 main-grad buffer" + fsdp
+                + ", get_megatron_optimizer Adam with clipping"
+                + (", Float16Module + fp32 main parameters" if cfg["bf16"] else "") + ").")
     return "Optimizer: torch AdamW."  # schema 1 records
 
 
@@ -778,7 +849,7 @@ def markdown_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         f"{cfg['micro_batch_size']}, {'bf16 (fp32 main parameters)' if cfg['bf16'] else 'fp32'}"
         f"{', channel-stage recompute' if cfg['recompute_channel_stage'] else ''}"
         f"{', with head' if cfg['with_head'] else ''}, final aggregation {cfg['final_aggregation']}, "
-        f"G = {cfg['channel_groups'] or 'T'}. {_training_note(cfg)}",
+        f"G = {cfg['channel_groups'] or 'T'}. {_training_note(cfg, any(r.get('fsdp', 1) > 1 for r in records))}",
         f"Machine: {machine.get('cpu_model', machine.get('processor'))}, "
         f"{machine['cpu_count']} cores, backend {machine['backend']}"
         f"{f', load average {load[0]:.2f} at the start' if load else ''}; "
@@ -804,7 +875,7 @@ def markdown_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         if r.get("channel_stage_impl") == "auto" and r.get("strategy") in PARTIAL and r.get("layer") == "linear":
             stage = f"{stage} (auto)"
         lines.append(
-            f"| {r['tp']} | {r['channels']} | {r['strategy']} | {r['layer'] or '-'} | {_tree_str(r['tree'])} | "
+            f"| {_layout_str(r)} | {r['channels']} | {r['strategy']} | {r['layer'] or '-'} | {_tree_str(r['tree'])} | "
             f"{stage} | {_mib(r['peak_mem_bytes'])} | {mem_ratio} | {_mib(bd.get('parameters'))} | "
             f"{_mib(bd.get('gradients'))} | {_mib(bd.get('optimizer'))} | "
             f"{_mib((bd.get('activations') or 0) + (bd.get('temp') or 0))} | {_mib(bd.get('inputs'))} | "
@@ -815,7 +886,7 @@ def markdown_table(records: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     if skipped:
         lines += ["", "Cases not run:", ""]
         for r in skipped:
-            lines.append(f"- TP={r['tp']} C={r['channels']} {r['label']}: {r['status']} — {r.get('reason')}")
+            lines.append(f"- TP={_layout_str(r)} C={r['channels']} {r['label']}: {r['status']} — {r.get('reason')}")
     lines.append("")
     return "\n".join(lines)
 
@@ -972,6 +1043,284 @@ def _no_grad(module, images, fn=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# Channel-stage benchmark (fused vs reference)
+# ------------------------------------------------------------------------------------------------
+
+# fused and reference compute the same function; in fp32 they differ only by summation order
+# (measured ~1e-6 of the largest magnitude). Above this the fused path is wrong and reports no win.
+CHANNEL_STAGE_MATCH_REL = 1e-4
+STAGE_PATHS = ("fused", "reference")
+
+
+@contextlib.contextmanager
+def _single_rank_job(seed: int):
+    """This process as the one rank of a TP=1 megatron-core job (the stage's final cross-attention
+    is a TP layer), torn down and its launcher variables restored on exit."""
+    import io
+
+    from megatron_dchag.distributed import destroy_distributed, initialize_distributed
+
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            initialize_distributed(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=seed)
+        yield
+    finally:
+        destroy_distributed()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _stage_model_config(args, channels: int, tree: List[int], impl: str):
+    """The ``dchag`` model of one case at TP=1, linear tree, ``model.channel_stage_impl=impl``."""
+    from megatron_dchag.config import ModelConfig, resolve_model
+
+    model = ModelConfig(num_channels=channels, image_size=tuple(args.image_size), patch_size=args.patch_size,
+                        hidden_size=args.hidden_size, num_layers=args.num_layers, num_attention_heads=args.num_heads,
+                        channel_groups=args.channel_groups or 1, strategy="dchag", aggregation_layer="linear",
+                        aggregation_tree=list(tree), channel_stage_impl=impl)
+    model = resolve_model(model, 1)
+    model.validate(1)
+    return model
+
+
+def _build_stage(args, model, device):
+    """``ChannelAggregationStage`` as the encoder builds it (TP=1); the same seed gives the same
+    parameters on both paths (copied over anyway by the caller)."""
+    import torch
+
+    from megatron_dchag.config import ParallelConfig
+    from megatron_dchag.layers.channel_stage import ChannelAggregationStage, make_channel_plan
+    from megatron_dchag.models.encoder import make_transformer_config
+
+    torch.manual_seed(args.seed)  # megatron's layers draw their initial weights from the global generator
+    config = make_transformer_config(model, ParallelConfig(tensor_model_parallel_size=1))
+    return ChannelAggregationStage(model, config, make_channel_plan(model, 1, 0), args.seed).to(device)
+
+
+def _stage_loss(stage, images, index):
+    out = stage(images, index)
+    return out, out.square().mean()
+
+
+def _stage_peak(stage, images, index) -> Dict[str, Any]:
+    """MemTracker over one forward + backward from no gradients (``.grad`` set to None): the
+    parameters and the images are tracked as existing before it."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    stage.zero_grad(set_to_none=True)
+    tracker = MemTracker()
+    tracker.track_external(stage, images, *([index] if index is not None else []))
+    with tracker:
+        _stage_loss(stage, images, index)[1].backward()
+    stage.zero_grad(set_to_none=True)
+    snap = tracker.get_tracker_snapshot("peak")
+    by = {(k if isinstance(k, str) else k.value): int(v) for k, v in (next(iter(snap.values())) if snap else {}).items()}
+    return {"peak_mem_bytes": by.get("Total", 0), "mem_breakdown": {k: v for k, v in by.items() if k != "Total"}}
+
+
+def _max_rel_diff(a, b) -> float:
+    """``max |a - b| / max |b|`` (0 when both are zero)."""
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    diff = float((a.double() - b.double()).abs().max()) if b.numel() else 0.0
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def channel_stage_case(args, channels: int, tree: List[int], fraction: float, device) -> Dict[str, Any]:
+    """One case: fused and reference stages with identical parameters on the same input."""
+    import torch
+
+    h, w = args.image_size
+    n_patches = (h // args.patch_size) * (w // args.patch_size)
+    rec: Dict[str, Any] = {"channels": channels, "tree": list(tree), "channel_groups": args.channel_groups or 1,
+                           "visible_fraction": fraction, "patch_positions": n_patches, "visible_patches": None,
+                           "status": "ok", "reason": None}
+    try:
+        models = {impl: _stage_model_config(args, channels, tree, impl) for impl in STAGE_PATHS}
+    except ValueError as exc:  # ConfigError included: e.g. a tree chunk larger than a group
+        rec.update(status="skipped", reason=str(exc))
+        return rec
+    if not 0 < fraction <= 1:
+        rec.update(status="skipped", reason=f"visible fraction {fraction} is not in (0, 1]")
+        return rec
+    stages = {impl: _build_stage(args, models[impl], device) for impl in STAGE_PATHS}
+    assert stages["fused"].fused and not stages["reference"].fused
+    with torch.no_grad():
+        ref_params = dict(stages["reference"].named_parameters())
+        for name, p in stages["fused"].named_parameters():
+            ref_params[name].copy_(p)
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.micro_batch_size, channels, h, w, generator=gen).to(device)
+    index = None
+    if fraction < 1:
+        keep = max(1, round(n_patches * fraction))
+        index = torch.stack([torch.randperm(n_patches, generator=gen)[:keep].sort().values
+                             for _ in range(args.micro_batch_size)]).to(device)
+        rec["visible_patches"] = keep
+    else:
+        rec["visible_patches"] = n_patches
+    # 1. the same function: outputs and every parameter gradient (also the first warm-up step)
+    outs, grads = {}, {}
+    for impl, stage in stages.items():
+        stage.zero_grad(set_to_none=True)
+        out, loss = _stage_loss(stage, images, index)
+        loss.backward()
+        outs[impl] = out.detach()
+        grads[impl] = {n: p.grad.detach().clone() for n, p in stage.named_parameters() if p.grad is not None}
+        stage.zero_grad(set_to_none=True)
+    rec["output_shape"] = list(outs["reference"].shape)
+    rec["output_max_rel_diff"] = _max_rel_diff(outs["fused"], outs["reference"])
+    if set(grads["fused"]) != set(grads["reference"]):
+        rec["grad_max_rel_diff"] = float("inf")
+    else:
+        rec["grad_max_rel_diff"] = max(_max_rel_diff(grads["fused"][n], g) for n, g in grads["reference"].items())
+    del outs, grads
+    rec["outputs_match"] = bool(max(rec["output_max_rel_diff"], rec["grad_max_rel_diff"]) <= CHANNEL_STAGE_MATCH_REL)
+    if not rec["outputs_match"]:
+        rec.update(status="mismatch", reason=f"fused differs from reference by more than {CHANNEL_STAGE_MATCH_REL:g} "
+                                             "of the largest magnitude (output or a gradient)")
+    # 2. peak memory of one forward + backward
+    for impl, stage in stages.items():
+        rec[impl] = _stage_peak(stage, images, index)
+    # 3. time: warm-up, then the two paths interleaved (alternating which goes first)
+
+    def step(stage) -> float:
+        stage.zero_grad(set_to_none=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        _stage_loss(stage, images, index)[1].backward()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        for stage in stages.values():
+            step(stage)
+    times: Dict[str, List[float]] = {impl: [] for impl in STAGE_PATHS}
+    for i in range(args.steps):
+        for impl in (STAGE_PATHS if i % 2 == 0 else STAGE_PATHS[::-1]):
+            times[impl].append(step(stages[impl]))
+    for impl in STAGE_PATHS:
+        rec[impl].update(step_times_s=times[impl], step_time_s=statistics.median(times[impl]))
+    f, r = rec["fused"], rec["reference"]
+    rec["peak_ratio"] = f["peak_mem_bytes"] / r["peak_mem_bytes"] if r["peak_mem_bytes"] else None
+    rec["speedup"] = r["step_time_s"] / f["step_time_s"] if f["step_time_s"] else None
+    return rec
+
+
+def channel_stage_bench(args, command: str) -> Dict[str, Any]:
+    """The ``dchag`` channel stage (``ChannelAggregationStage`` at TP=1: tokenizer, channel
+    embedding, linear partial-aggregation tree, final cross-attention) alone, fused against the
+    reference path (``model.channel_stage_impl`` fused | reference), one process. Per case
+    (channels x tree x visible fraction): both stages get identical parameters and the same input;
+    loss = mean square of the stage output. First one forward + backward of each is compared
+    (output and every parameter gradient, relative to the largest magnitude; a fused path off by
+    more than :data:`CHANNEL_STAGE_MATCH_REL` is reported as a mismatch, and the run fails), then
+    one forward + backward of each under MemTracker gives its peak, then ``--warmup`` untimed and
+    ``--steps`` timed steps of the two paths interleaved; times are medians."""
+    import torch
+
+    from megatron_dchag.device import compute_device
+
+    torch.set_num_threads(args.threads or 1)
+    started = time.time()
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    machine = machine_info(use_cuda)
+    records = []
+    with _single_rank_job(args.seed):
+        device = compute_device()
+        for channels in args.channels:
+            for tree in args.trees:
+                for fraction in args.visible_fractions:
+                    try:
+                        rec = channel_stage_case(args, channels, tree, fraction, device)
+                    except Exception as exc:  # noqa: BLE001 - reported per case
+                        rec = {"channels": channels, "tree": list(tree), "visible_fraction": fraction,
+                               "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+                               "traceback": traceback.format_exc(limit=6)}
+                    gc.collect()
+                    records.append(rec)
+                    print(f"[channel-stage] C={channels} tree={_tree_str(tree)} visible={fraction:g}: "
+                          + (f"fused {_mib(rec['fused']['peak_mem_bytes'])} MiB / {rec['fused']['step_time_s']:.3f} s, "
+                             f"reference {_mib(rec['reference']['peak_mem_bytes'])} MiB / "
+                             f"{rec['reference']['step_time_s']:.3f} s, max rel diff "
+                             f"{max(rec['output_max_rel_diff'], rec['grad_max_rel_diff']):.1e} ({rec['status']})"
+                             if "fused" in rec else f"{rec['status']}: {rec['reason']}"), flush=True)
+    try:
+        machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "channel_stage_bench", "created": _now(), "command": command,
+        "title": args.title, "wall_time_s": round(time.time() - started, 1), "machine": machine,
+        "memory_method": "torch.distributed._tools.mem_tracker.MemTracker over one forward + backward "
+                         "(parameters and images existing before it, no gradients)",
+        "config": {
+            "strategy": "dchag", "aggregation_layer": "linear", "tp": 1, "image_size": list(args.image_size),
+            "patch_size": args.patch_size, "hidden_size": args.hidden_size, "num_heads": args.num_heads,
+            "micro_batch_size": args.micro_batch_size, "channel_groups": args.channel_groups or 1,
+            "dtype": "float32", "loss": "mean square of the stage output", "steps": args.steps,
+            "warmup": args.warmup, "threads": torch.get_num_threads(), "seed": args.seed,
+            "match_rel_tol": CHANNEL_STAGE_MATCH_REL,
+        },
+        "records": records,
+    }
+
+
+def channel_stage_markdown(doc: Dict[str, Any]) -> str:
+    cfg, machine = doc["config"], doc["machine"]
+    start, end = machine.get("load_average_start"), machine.get("load_average_end")
+    load = ""
+    if start:
+        load = f", load average {start[0]:.2f} at the start" + (f" and {end[0]:.2f} at the end" if end else "")
+    lines = [
+        f"# {doc.get('title') or 'Fused channel stage vs reference (channel stage alone)'}",
+        "",
+        f"`ChannelAggregationStage`, TP={cfg['tp']}, `{cfg['strategy']}`, {cfg['aggregation_layer']} tree, "
+        f"G = {cfg['channel_groups']}: image {cfg['image_size'][0]}x{cfg['image_size'][1]}, patch "
+        f"{cfg['patch_size']}, D={cfg['hidden_size']}, batch {cfg['micro_batch_size']}, {cfg['dtype']}; loss = "
+        f"{cfg['loss']}. Peak: {doc['memory_method']}. Time: median of {cfg['steps']} forward + backward steps "
+        f"per path, fused and reference interleaved, after {cfg['warmup']} warm-up step(s); {cfg['threads']} "
+        f"thread(s). Max rel diff: max |fused - reference| / max |reference| of the output / of every parameter "
+        f"gradient (a case above {cfg['match_rel_tol']:g} is a mismatch and reports no speed-up).",
+        f"Machine: {machine.get('cpu_model', machine.get('processor'))}, {machine['cpu_count']} cores{load}.",
+        "",
+        f"Command: `{doc['command']}`",
+        "",
+        "| C | tree | input | fused peak MiB | reference peak MiB | fused / ref | fused s | reference s | speed-up "
+        "| max rel diff (out / grads) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    other = []
+    for r in doc["records"]:
+        if "fused" not in r:
+            other.append(r)
+            continue
+        if r["visible_fraction"] >= 1:
+            inp = "all patches"
+        else:
+            inp = f"{r['visible_fraction']:.0%} visible ({r['visible_patches']} of {r['patch_positions']})"
+        f, ref = r["fused"], r["reference"]
+        ok = r["status"] == "ok"
+        lines.append(
+            f"| {r['channels']} | {_tree_str(r['tree'])} | {inp} | {_mib(f['peak_mem_bytes'])} | "
+            f"{_mib(ref['peak_mem_bytes'])} | {r['peak_ratio']:.1%} | {f['step_time_s']:.3f} | "
+            f"{ref['step_time_s']:.3f} | {format(r['speedup'], '.2f') + 'x' if ok else r['status']} | "
+            f"{r['output_max_rel_diff']:.1e} / {r['grad_max_rel_diff']:.1e} |")
+    if other:
+        lines += ["", "Cases not run:", ""]
+        lines += [f"- C={r['channels']} tree={_tree_str(r['tree'])} visible={r['visible_fraction']:g}: "
+                  f"{r['status']} — {r.get('reason')}" for r in other]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
 
@@ -998,7 +1347,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.from_json:
         with open(args.from_json) as fh:
             doc = json.load(fh)
-        table = markdown_table(doc["records"], doc)
+        if doc.get("kind") == "channel_stage_bench":
+            table = channel_stage_markdown(doc)
+        else:
+            table = markdown_table(doc["records"], doc)
         if args.markdown:
             _atomic_write(args.markdown, table)
         print(table)
@@ -1010,6 +1362,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.json_path:
             _atomic_write(args.json_path, json.dumps(out, indent=1) + "\n")
         return 0
+    if args.channel_stage_bench:
+        out = channel_stage_bench(args, command_line(argv))
+        if args.json_path:
+            _atomic_write(args.json_path, json.dumps(out, indent=1) + "\n")
+        table = channel_stage_markdown(out)
+        if args.markdown:
+            _atomic_write(args.markdown, table)
+        print(table)
+        # a fast path whose output differs from the reference's reports no win: the run fails
+        return 0 if all(r["status"] != "mismatch" for r in out["records"]) else 1
     import torch
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

@@ -4,7 +4,7 @@
     python tools/convert_checkpoint.py --load RUN --save RUN_TP4 --target-tensor-model-parallel-size 4 \
         [--target-pipeline-model-parallel-size 2 [--target-virtual-pipeline-model-parallel-size 2]]
     # one portable file: full unsharded weights + the model config as metadata (for inference)
-    python tools/convert_checkpoint.py --load RUN --export model.safetensors
+    python tools/convert_checkpoint.py --load RUN --export model.safetensors [--overwrite]
     # back to a (weights-only) sharded checkpoint, optionally at another layout
     python tools/convert_checkpoint.py --import model.safetensors --save RUN2 [--target-tensor-model-parallel-size 2]
     # every tensor's global shape and dtype, and the saved config
@@ -54,11 +54,27 @@ def _inspect(load: str) -> None:
     print(yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120))
 
 
+def _check_export_target(path: str, overwrite: bool) -> None:
+    """``--export FILE``: a new file in a writable directory, or an existing file with ``--overwrite``."""
+    from megatron_dchag.config import ConfigError
+
+    if os.path.isdir(path):
+        raise ConfigError(f"--export {path}: is a directory; name the file to write")
+    if os.path.exists(path) and not overwrite:
+        raise ConfigError(f"--export {path}: the file exists; give --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--export {path}: cannot be written ('{parent}' is not a writable directory)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", help="checkpoint: a --save directory or one iter_* directory")
     parser.add_argument("--save", help="output checkpoint directory")
     parser.add_argument("--export", metavar="FILE", help="write one portable .safetensors file")
+    parser.add_argument("--overwrite", action="store_true", help="let --export replace an existing file")
     parser.add_argument("--import", dest="import_file", metavar="FILE", help="read a portable .safetensors file")
     parser.add_argument("--inspect", action="store_true", help="print tensors, shapes, dtypes and the config")
     parser.add_argument("--target-tensor-model-parallel-size", type=int, default=None)
@@ -90,6 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.export:
             if not args.load:
                 raise ConfigError("--export needs --load DIR")
+            _check_export_target(args.export, args.overwrite)
             conv.checkpoint_description(args.load)  # fail fast, before starting processes
             info = conv.run_on_local_ranks(1, 1, 1, conv.export_rank, args.load, os.path.abspath(args.export))
             print(f"exported {info['tensors']} tensors ({info['parameters']:,} values) to {args.export}")
@@ -115,6 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         target = conv.config_for_layout(saved, tp, pp, conv.SAVED if vpp_arg is None else (vpp_arg or None), task=task)
         vpp = target.parallel.virtual_pipeline_model_parallel_size
         save = os.path.abspath(args.save)
+        if os.path.exists(save) and not os.path.isdir(save):
+            raise ConfigError(f"--save {args.save}: is a file, not a directory")
         if os.path.exists(save) and os.listdir(save):
             raise ConfigError(f"--save directory '{args.save}' exists and is not empty")
         parent = os.path.dirname(save) or "."

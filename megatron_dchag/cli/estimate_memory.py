@@ -12,7 +12,10 @@ Modes:
 
 * ``--paper-table``: 7B/15B/26B x 256/512/1024 channels, pure TP vs D-CHAG, and the paper's two
   statements about 26B checked, plus a sweep of the assumptions under which they hold;
-* ``--check-against bench.json``: model vs the MemTracker peaks measured by ``tools/benchmark.py``.
+* ``--check-against bench.json``: model vs the MemTracker peaks measured by ``tools/benchmark.py``;
+* ``--fsdp-table``: model sharding (torch FSDP2) under TP: the paper's hyperspectral 7B layouts
+  (TP8 + FSDP2 baseline vs TP2 + FSDP4 D-CHAG-L, 500 channels) under a sweep of assumptions, and
+  the largest model that fits one device with D-CHAG + FSDP vs TP + FSDP at 256/512/1024 channels.
 
 Installed as the console script ``dchag-estimate-memory`` with the same flags.
 """
@@ -28,6 +31,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from megatron_dchag.memory_model import (
+    GB,
     GIB,
     PAPER_MODELS,
     MemoryConfig,
@@ -66,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tp", type=int)
     g.add_argument("--dp", type=int)
     g.add_argument("--distributed-optimizer", action="store_true", default=None)
+    g.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard parameters, gradients and optimizer state over the --dp ranks with torch FSDP2 "
+                        "(parallel.use_torch_fsdp2; framework megatron, no distributed optimizer)")
+    g.add_argument("--no-reshard-after-forward", action="store_true", default=None,
+                   help="with --fsdp: keep every unit gathered from its forward to its backward")
     g.add_argument("--bf16", action="store_true", default=None)
     g.add_argument("--fp32", action="store_true", default=None)
     g.add_argument("--framework", choices=["torch", "megatron"])
@@ -76,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device-memory-gib", type=float, default=64.0, help="device memory (default 64 GiB, MI250X GCD)")
     g.add_argument("--json", dest="json_path", default=None)
     g.add_argument("--paper-table", action="store_true")
+    g.add_argument("--fsdp-table", action="store_true", help="FSDP: the paper's 7B layouts and the largest model")
     g.add_argument("--markdown", default=None, help="with --paper-table / --check-against: write the tables here")
     g.add_argument("--check-against", default=None, metavar="BENCH_JSON")
     g.add_argument("--tolerance", type=float, default=0.15)
@@ -92,7 +102,7 @@ def config_from_args(args) -> MemoryConfig:
                    strategy="strategy", layer="aggregation_layer", tree="aggregation_tree",
                    channel_groups="channel_groups", with_head="with_head", final_aggregation="final_aggregation",
                    tp="tensor_model_parallel_size", dp="data_parallel_size",
-                   distributed_optimizer="distributed_optimizer", framework="framework",
+                   distributed_optimizer="distributed_optimizer", fsdp="fsdp", framework="framework",
                    recompute_channel_stage="recompute_channel_stage", micro_batch_size="micro_batch_size")
     updates = {}
     for arg, fieldname in mapping.items():
@@ -107,6 +117,12 @@ def config_from_args(args) -> MemoryConfig:
         updates["precision"] = "fp32"
     if args.recompute:
         updates["recompute"] = None if args.recompute == "none" else args.recompute
+    if args.no_reshard_after_forward:
+        updates["fsdp_reshard_after_forward"] = False
+    if args.fsdp:  # FSDP takes the optimizer sharding over from the distributed optimizer
+        updates.setdefault("distributed_optimizer", False)
+        if args.distributed_optimizer:
+            raise ValueError("--fsdp and --distributed-optimizer exclude each other (FSDP shards the optimizer state)")
     cfg = dataclasses.replace(cfg, **updates)
     if args.mask_ratio:
         cfg.visible_patches = max(1, round(cfg.num_patches * (1 - args.mask_ratio)))
@@ -123,7 +139,9 @@ def describe(cfg: MemoryConfig) -> str:
             + f", D={cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_attention_heads} heads, image "
             f"{cfg.image_size[0]}x{cfg.image_size[1]}, patch {cfg.patch_size} ({cfg.seq} tokenized patches), "
             f"C={cfg.num_channels}, G={cfg.groups}, TP={cfg.tp}, DP={cfg.data_parallel_size}"
-            f"{' (distributed optimizer)' if cfg.distributed_optimizer else ''}, {cfg.precision}, {cfg.framework}, "
+            f"{' (distributed optimizer)' if cfg.distributed_optimizer else ''}"
+            f"{(' (FSDP' + ('' if cfg.fsdp_reshard_after_forward else ', no reshard after forward') + ')') if cfg.fsdp else ''}"
+            f", {cfg.precision}, {cfg.framework}, "
             f"recompute={cfg.recompute or 'none'}{' + channel stage' if cfg.recompute_channel_stage else ''}, "
             f"micro-batch {cfg.micro_batch_size}")
 
@@ -212,6 +230,94 @@ def paper_table(device_gib: float, markdown: Optional[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# Model sharding (FSDP) at paper scale
+# ------------------------------------------------------------------------------------------------
+
+# The paper's hyperspectral 7B runs with FSDP (500 channels, 192x384, patch 6), per 64 GB GCD:
+# (strategy, TP, FSDP, paper GB).
+PAPER_FSDP_LAYOUTS = [("tp_baseline", 8, 2, 62.7), ("dchag", 2, 4, 48.2)]
+# Largest-model search: 32 layers, 128-wide heads, hidden sizes in steps of 1024, TP within one
+# node (<= 8) and FSDP over the rest of FSDP_WORLD GCDs.
+FSDP_WORLD = 64
+FSDP_HIDDEN_SIZES = range(2048, 32769, 1024)
+
+
+def _fsdp_paper_config(strategy: str, channels: int, tp: int, fsdp: int, **overrides) -> MemoryConfig:
+    return paper_config("7B", channels, strategy, **dict(dict(
+        tensor_model_parallel_size=tp, data_parallel_size=fsdp, distributed_optimizer=False, fsdp=True), **overrides))
+
+
+def _billions(cfg: MemoryConfig) -> float:
+    """Parameters of the whole model (TP 1), in billions."""
+    from megatron_dchag.memory_model import param_counts
+
+    return param_counts(dataclasses.replace(cfg, tensor_model_parallel_size=1, channel_groups=cfg.groups))["total"] / 1e9
+
+
+def largest_fitting_model(strategy: str, channels: int, device_bytes: float, fsdp_sharding: bool = True):
+    """``(billions, config)`` of the largest model of the search that fits ``device_bytes`` at its
+    best layout, or ``(0, None)``."""
+    best = (0.0, None)
+    for d in FSDP_HIDDEN_SIZES:
+        fitted = None
+        for tp in (1, 2, 4, 8):
+            fsdp = FSDP_WORLD // tp
+            cfg = paper_config("7B", channels, strategy, hidden_size=d, num_layers=32, num_attention_heads=d // 128,
+                               tensor_model_parallel_size=tp, data_parallel_size=fsdp,
+                               distributed_optimizer=not fsdp_sharding, fsdp=fsdp_sharding, channel_groups=8)
+            try:
+                est = estimate_memory(cfg)
+            except ValueError:
+                continue
+            if est.total <= device_bytes and (fitted is None or est.total < fitted[1].total):
+                fitted = (cfg, est)
+        if fitted is not None:
+            best = (_billions(fitted[0]), fitted)
+    return best
+
+
+def fsdp_table(device_gib: float, markdown: Optional[str]) -> int:
+    dev = device_gib * GIB
+    lines = ["The paper's hyperspectral 7B layouts with FSDP (500 channels, 192x384 crops, patch 6, bf16 with fp32 "
+             "master weights and fp32 main gradients on the optimizer side, G = 8 for D-CHAG-L; Tree0): per-rank "
+             "peak in GB (10^9 bytes, as the paper reports) under each set of assumptions.", "",
+             "| micro-batch | recompute | reshard after forward | channel stage | TP8 + FSDP2 baseline GB | "
+             "TP2 + FSDP4 D-CHAG-L GB | ratio |", "|---:|---|---|---|---:|---:|---:|"]
+    (s_base, t_base, f_base, p_base), (s_d, t_d, f_d, p_d) = PAPER_FSDP_LAYOUTS
+    for mb, rc, reshard, impl in itertools.product((2, 3, 4), (None, "full"), (True, False), ("fused", "reference")):
+        over = dict(micro_batch_size=mb, recompute=rc, fsdp_reshard_after_forward=reshard, channel_groups=8)
+        a = estimate_memory(_fsdp_paper_config(s_base, 500, t_base, f_base, **over)).total
+        b = estimate_memory(_fsdp_paper_config(s_d, 500, t_d, f_d, channel_stage_impl=impl, **over)).total
+        lines.append(f"| {mb} | {rc or 'none'} | {'yes' if reshard else 'no'} | {impl} | {a / GB:.1f} | {b / GB:.1f} | "
+                     f"{b / a:.0%} |")
+    lines += ["", f"Paper: {p_base} GB vs {p_d} GB ({p_d / p_base:.0%}).", "",
+              f"Largest model that fits one {device_gib:g} GiB device: {FSDP_WORLD} GCDs, TP <= 8 (one node) and "
+              f"FSDP = {FSDP_WORLD}/TP, the best TP per model; 32 layers, heads of 128, hidden sizes in steps of "
+              "1024; micro-batch 4, full recompute, bf16, reshard after forward, G = 8, D-CHAG-L Tree0 with "
+              "this code's fused channel stage. Columns: billions of parameters (hidden size, TP).", "",
+              "| channels | TP + FSDP | D-CHAG + FSDP | TP + distributed optimizer (no FSDP) | "
+              "D-CHAG + distributed optimizer (no FSDP) |", "|---:|---|---|---|---|"]
+    best_dchag = {}
+    for c in (256, 512, 1024):
+        cells = []
+        for strategy, sharded in (("tp_baseline", True), ("dchag", True), ("tp_baseline", False), ("dchag", False)):
+            size, fitted = largest_fitting_model(strategy, c, dev, fsdp_sharding=sharded)
+            if strategy == "dchag" and sharded:
+                best_dchag[c] = size
+            cells.append("none" if fitted is None else
+                         f"{size:.1f}B (D={fitted[0].hidden_size}, TP{fitted[0].tp}, {fitted[1].total / GIB:.1f} GiB)")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    ok = best_dchag.get(512, 0.0) > 26.0
+    lines += ["", f"D-CHAG + FSDP at 512 channels: {best_dchag.get(512, 0.0):.1f}B "
+              f"({'larger than' if ok else 'not larger than'} the paper's 26B).", ""]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if markdown:
+        _atomic_write(markdown, text)
+    return 0 if ok else 1
+
+
+# ------------------------------------------------------------------------------------------------
 # Check against the benchmark
 # ------------------------------------------------------------------------------------------------
 
@@ -229,7 +335,8 @@ def config_from_record(doc_cfg: Dict[str, object], rec: Dict[str, object]) -> Me
         micro_batch_size=rec["micro_batch_size"], precision="bf16" if rec.get("bf16") else "fp32",
         framework=rec.get("framework") or "torch", adam_impl=rec.get("adam_impl") or "fused",
         channel_stage_impl=rec.get("channel_stage_impl") or "reference",
-        recompute_channel_stage=bool(rec.get("recompute_channel_stage")))
+        recompute_channel_stage=bool(rec.get("recompute_channel_stage")),
+        data_parallel_size=rec.get("fsdp") or 1, fsdp=(rec.get("fsdp") or 1) > 1)
 
 
 def check_against(paths: Sequence[str], tolerance: float) -> List[Dict[str, object]]:
@@ -242,7 +349,8 @@ def check_against(paths: Sequence[str], tolerance: float) -> List[Dict[str, obje
                 continue
             est = estimate_memory(config_from_record(doc["config"], rec))
             measured = rec["peak_mem_bytes"]
-            rows.append(dict(file=os.path.basename(path), label=rec["label"], tp=rec["tp"], channels=rec["channels"],
+            rows.append(dict(file=os.path.basename(path), label=rec["label"], tp=rec["tp"], fsdp=rec.get("fsdp") or 1,
+                             channels=rec["channels"],
                              bf16=rec.get("bf16"), recompute=rec.get("recompute_channel_stage"),
                              with_head=rec.get("with_head"), final=rec.get("final_aggregation"),
                              measured=measured, model=est.total, error=(est.total - measured) / measured,
@@ -256,7 +364,8 @@ def check_table(rows: List[Dict[str, object]], tolerance: float) -> str:
     for r in rows:
         opts = ",".join(o for o, on in (("bf16", r["bf16"]), ("recompute", r["recompute"]), ("head", r["with_head"]),
                                          ("textbook", r["final"] == "textbook")) if on) or "-"
-        lines.append(f"| {r['file']} | {r['label']} | {r['tp']} | {r['channels']} | {opts} | {r['measured'] / 2**20:,.1f} | "
+        layout = f"{r['tp']} x FSDP{r['fsdp']}" if r.get("fsdp", 1) > 1 else str(r["tp"])
+        lines.append(f"| {r['file']} | {r['label']} | {layout} | {r['channels']} | {opts} | {r['measured'] / 2**20:,.1f} | "
                      f"{r['model'] / 2**20:,.1f} | {r['error']:+.1%} |")
     within = sum(1 for r in rows if abs(r["error"]) <= tolerance)
     lines += ["", f"{within} of {len(rows)} cases within {tolerance:.0%}; largest |error| "
@@ -288,6 +397,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if sum(1 for r in rows if abs(r["error"]) <= args.tolerance) >= min(5, len(rows)) else 1
     if args.paper_table:
         return paper_table(args.device_memory_gib, args.markdown)
+    if args.fsdp_table:
+        return fsdp_table(args.device_memory_gib, args.markdown)
     try:
         cfg = config_from_args(args)
         out = print_estimate(cfg, args.device_memory_gib)

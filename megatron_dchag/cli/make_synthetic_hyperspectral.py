@@ -28,7 +28,10 @@ Usage::
         [--nodata-fraction 0.05 [--nodata-value -9999 [--nodata-attribute _FillValue]]]
 
 (installed as the console script ``dchag-make-synthetic-hyperspectral`` with the same flags).
-HDF5 files are ``<out>/cube_00000.h5`` (dataset ``cube``, ``wavelengths`` attribute in nm); with
+HDF5 files are ``<out>/cube_00000.h5`` (dataset ``cube``, ``wavelengths`` attribute in nm, and
+dataset ``labels``: each pixel's dominant endmember, its index into ``ENDMEMBER_NAMES``, as an
+``H x W`` uint8 map whose ``class_names`` attribute lists the names; ``--label-dataset`` renames
+it; the cube itself is the same as without it); with
 ``--envi`` the same cubes are also written as ``<out>/envi/cube_00000.hdr`` + ``.img`` (a separate
 directory, so each directory holds one format).
 """
@@ -46,6 +49,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from megatron_dchag.data.hyperspectral.formats import HDF5_NODATA_ATTRIBUTES, write_envi_cube, write_hdf5_cube
+from megatron_dchag.data.hyperspectral.labels import CLASS_NAMES_ATTRIBUTE
 
 ENDMEMBER_NAMES: Tuple[str, ...] = ("vegetation", "soil", "water", "shadow")
 UINT16_REFLECTANCE_SCALE = 10000.0  # the integer cubes' default reflectance scale
@@ -61,6 +65,11 @@ class SyntheticCube:
     abundances: np.ndarray  # [K, H, W] float32, sums to 1 over K
     endmembers: Dict[str, np.ndarray]  # name -> [C] reflectance (before illumination and noise)
     reflectance_scale: float  # cube value of reflectance 1.0
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Each pixel's dominant endmember (index into ``ENDMEMBER_NAMES``): uint8 ``[H, W]``."""
+        return np.argmax(self.abundances, axis=0).astype(np.uint8)
 
 
 def band_wavelengths(num_channels: int, wavelength_range: Tuple[float, float] = (400.0, 900.0)) -> np.ndarray:
@@ -192,6 +201,7 @@ def write_dataset(
     nodata_fraction: float = 0.0,
     nodata_value: Optional[float] = None,
     nodata_attribute: str = "_FillValue",
+    label_dataset: str = "labels",
 ) -> List[Path]:
     """Write ``num_cubes`` cubes to ``out_dir``; returns the HDF5 paths (ENVI copies go to ``out_dir/envi``).
 
@@ -199,7 +209,8 @@ def write_dataset(
     ``scale_factor`` is the stored value of reflectance 1, recorded in both formats; without it the
     integer cubes hold reflectance x 10000 and record no factor. ``nodata_fraction`` of the pixels
     of every cube are missing: ``nodata_value``, recorded (HDF5 attribute ``nodata_attribute``,
-    ENVI ``data ignore value``), or NaN when it is None (float32 only).
+    ENVI ``data ignore value``), or NaN when it is None (float32 only). Each HDF5 file also gets
+    the per-pixel labels (:attr:`SyntheticCube.labels`) as dataset ``label_dataset``.
     """
     if not 0.0 <= nodata_fraction < 1.0:
         raise ValueError(f"nodata_fraction={nodata_fraction} must be in [0, 1)")
@@ -230,12 +241,22 @@ def write_dataset(
             nodata_value=nodata_value if nodata_fraction > 0 else None, nodata_attribute=nodata_attribute,
             scale_factor=scale_factor,
         )
+        _add_label_map(path, label_dataset, synth.labels)
         paths.append(path)
         if envi:
             write_envi_cube(out / "envi" / f"cube_{i:05d}.hdr", synth.cube, synth.wavelengths, interleave=interleave,
                             data_ignore_value=nodata_value if nodata_fraction > 0 else None,
                             reflectance_scale_factor=scale_factor)
     return paths
+
+
+def _add_label_map(path: Path, name: str, labels: np.ndarray) -> None:
+    """Add the label map to a written cube file (the cube dataset is left as it is)."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        ds = f.create_dataset(name, data=labels)
+        ds.attrs[CLASS_NAMES_ATTRIBUTE] = np.array(ENDMEMBER_NAMES, dtype=h5py.string_dtype())
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -265,6 +286,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="value of the missing pixels, recorded as the file's no-data value (default: NaN)")
     parser.add_argument("--nodata-attribute", choices=HDF5_NODATA_ATTRIBUTES, default="_FillValue",
                         help="HDF5 attribute that records --nodata-value")
+    parser.add_argument("--label-dataset", default="labels",
+                        help="HDF5 dataset of the per-pixel labels (each pixel's dominant endmember)")
     args = parser.parse_args(argv)
     for name in ("num_cubes", "channels", "height", "width"):
         if getattr(args, name) < 1:
@@ -273,6 +296,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--nodata-fraction must be in [0, 1), got {args.nodata_fraction}")
     if args.nodata_fraction > 0 and args.nodata_value is None and args.dtype != "float32":
         parser.error(f"--nodata-fraction with --dtype {args.dtype} needs --nodata-value (NaN is a float value)")
+    if not args.label_dataset.strip() or args.label_dataset == args.dataset_name:
+        parser.error(f"--label-dataset {args.label_dataset!r} must be a non-empty name other than --dataset-name")
     if args.scale_factor is not None and not (np.isfinite(args.scale_factor) and args.scale_factor > 0):
         parser.error(f"--scale-factor must be a finite number > 0, got {args.scale_factor}")
     if args.nodata_value is not None and args.dtype != "float32":
@@ -291,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         layout=args.layout, envi=args.envi, interleave=args.interleave, chunks=args.chunks,
         compression=args.compression, dataset_name=args.dataset_name, feature_size=args.feature_size,
         scale_factor=args.scale_factor, nodata_fraction=args.nodata_fraction, nodata_value=args.nodata_value,
-        nodata_attribute=args.nodata_attribute,
+        nodata_attribute=args.nodata_attribute, label_dataset=args.label_dataset,
     )
     print(
         f"wrote {len(paths)} cubes of {args.channels} x {args.height} x {args.width} ({args.dtype}, {args.layout}) "

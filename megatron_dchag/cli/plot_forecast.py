@@ -73,7 +73,8 @@ def forecast(args) -> dict:
         for lead in leads:
             item = dataset[(time_index, lead)]
             with torch.no_grad():
-                out = model(item["input"].unsqueeze(0), lead_time_hours=item["lead_time_hours"].reshape(1))
+                out = model(item["input"].unsqueeze(0), lead_time_hours=item["lead_time_hours"].reshape(1),
+                            input_time_s=item["time"].reshape(1))  # read only with forecast.time_features
             pred = out[1][0].double()
             for v, k, j in zip(variables, out_idx, in_idx):
                 truth = (item["target"][k].double() * std[k] + mean[k]).numpy()

@@ -7,16 +7,18 @@
     python pretrain_era5.py --config ... --skip-train --load RUN_DIR --log-dir EVAL_DIR   # evaluate a checkpoint
 
 The root ``pretrain_era5.py`` is a thin wrapper around :func:`main`. See README.md (section "Weather
-forecasting (ERA5)") for the data preparation, flags and outputs.
+forecasting (ERA5)") for the data preparation, flags and outputs. The task is named, not imported,
+so ``--help`` and config errors answer before torch is imported.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from megatron_dchag.tasks.forecasting import ERA5ForecastTask
-from megatron_dchag.training.entry_point import run_entry_point
+from megatron_dchag.training.entry_point import TaskRef, run_entry_point
+
+TASK = TaskRef("megatron_dchag.tasks.forecasting", "ERA5ForecastTask", config_sections=("forecast",))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_entry_point(argv, ERA5ForecastTask, "D-CHAG weather forecasting on ERA5")
+    return run_entry_point(argv, TASK, "D-CHAG weather forecasting on ERA5")

@@ -24,6 +24,9 @@ The pieces, and the megatron-core 0.16.1 call sites that need them (``megatron.c
      and ``tensor_parallel.random`` (the RNG-state callback below).
    * ``synchronize()`` does nothing: ``pipeline_parallel.p2p_communication._communicate``,
      ``dist_checkpointing.strategies.filesystem_async`` (before writing).
+   * ``current_stream()`` is a stream whose waits do nothing (a CPU operation has finished when
+     it returns): megatron-core 0.19's ``distributed.param_and_grad_buffer``
+     (``start_grad_sync`` waits on it for CUDA-graph gradient events; ``finish_grad_sync``).
    * The "CUDA" random generator is the CPU default generator, for ``tensor_parallel.random``
      (``model_parallel_cuda_manual_seed``, ``CudaRNGStatesTracker.add``/``fork`` and the
      activation recompute of ``tensor_parallel.checkpoint``): ``get_rng_state`` (also
@@ -53,7 +56,12 @@ The pieces, and the megatron-core 0.16.1 call sites that need them (``megatron.c
      whole backward pass, so the mode re-enters itself; megatron's recompute (a forward inside
      backward) and custom ``Function.backward``s then see it. This changes nothing for other code.
 
-3. **Log noise**: with the CUDA generator aliased to the CPU one, megatron's RNG tracker warns
+3. **A CPU device mesh for torch FSDP2**: ``DeviceMesh.from_group(group, "cuda")`` called by
+   megatron-core (``distributed.torch_fully_sharded_data_parallel``, the mesh over the
+   data-parallel group that ``TorchFullyShardedDataParallel`` hands to ``fully_shard``) builds a
+   ``"cpu"`` mesh; other callers get torch's ``from_group`` unchanged.
+
+4. **Log noise**: with the CUDA generator aliased to the CPU one, megatron's RNG tracker warns
    "CPU RNG state changed within GPU RNG context" on every random op inside ``fork()``; that one
    message is filtered from the ``megatron.core.tensor_parallel.random`` logger.
 
@@ -234,6 +242,30 @@ def _cpu_synchronize(device: Any = None) -> None:
     return None
 
 
+class _CpuStream:
+    """What megatron-core's ``torch.cuda.current_stream()`` gets: waiting on it or on an event
+    does nothing, since a CPU operation has finished when it returns."""
+
+    def wait_event(self, event: Any = None) -> None:
+        return None
+
+    def wait_stream(self, stream: Any = None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _cpu_current_stream(device: Any = None) -> _CpuStream:
+    return _CPU_STREAM
+
+
 def _cpu_is_initialized() -> bool:
     return True
 
@@ -250,6 +282,7 @@ def _cpu_manual_seed(seed: int) -> None:
 _CPU_VERSIONS: Dict[str, Callable[..., Any]] = {
     "current_device": _cpu_current_device,
     "synchronize": _cpu_synchronize,
+    "current_stream": _cpu_current_stream,
     "is_initialized": _cpu_is_initialized,
     "get_rng_state": _cpu_get_rng_state,
     "manual_seed": _cpu_manual_seed,
@@ -290,6 +323,33 @@ def _patch_torch_cuda() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Device mesh (torch FSDP2)
+# --------------------------------------------------------------------------------------------
+
+
+def _megatron_cpu_mesh(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``DeviceMesh.from_group`` that builds a CPU mesh where megatron-core asks for a CUDA one."""
+
+    def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> Any:
+        if _is_cuda_device(device_type) and _called_by_megatron(sys._getframe(1)):
+            device_type = "cpu"
+        return original(group, device_type, *args, **kwargs)
+
+    from_group.__name__ = from_group.__qualname__ = "from_group"
+    return from_group
+
+
+def _patch_device_mesh() -> None:
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.device_mesh import DeviceMesh
+
+    original = DeviceMesh.from_group  # the function inside the staticmethod
+    _replaced_attributes.setdefault("torch.distributed.device_mesh.DeviceMesh.from_group", original)
+    DeviceMesh.from_group = staticmethod(_megatron_cpu_mesh(original))
+
+
+# --------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------
 
@@ -327,6 +387,7 @@ def install_cpu_compat() -> bool:
     with _install_lock:
         if not _installed:
             _patch_torch_cuda()
+            _patch_device_mesh()
             logging.getLogger(_RNG_TRACKER_LOGGER).addFilter(_DropRngForkWarning())
             _installed = True
     _activate_mode_on_this_thread()

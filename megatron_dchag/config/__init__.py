@@ -39,6 +39,7 @@ from megatron_dchag.config.sections import (
     LATITUDE_WEIGHTINGS,
     LR_DECAY_STYLES,
     RECOMPUTE_GRANULARITIES,
+    SEGMENTATION_MODES,
     STRATEGIES,
     TRANSFORMER_IMPLS,
     WORKLOAD_SECTIONS,
@@ -48,6 +49,7 @@ from megatron_dchag.config.sections import (
     MAEConfig,
     ModelConfig,
     ParallelConfig,
+    SegmentationConfig,
     TrainingConfig,
     validate_config,
     validate_model_config,
@@ -55,9 +57,9 @@ from megatron_dchag.config.sections import (
 
 __all__ = [
     "AGGREGATION_LAYERS", "CHANNEL_EMBEDDINGS", "LATITUDE_WEIGHTINGS", "LR_DECAY_STYLES", "RECOMPUTE_GRANULARITIES",
-    "STRATEGIES", "TRANSFORMER_IMPLS", "WORKLOAD_SECTIONS",
+    "SEGMENTATION_MODES", "STRATEGIES", "TRANSFORMER_IMPLS", "WORKLOAD_SECTIONS",
     "ConfigError", "DataConfig", "ExperimentConfig", "ForecastConfig", "MAEConfig", "ModelConfig", "ParallelConfig",
-    "RunShape", "TrainingConfig",
+    "RunShape", "SegmentationConfig", "TrainingConfig",
     "aggregation_level_sizes", "build_dataclass", "config_to_dict", "data_parallel_size", "dump_config",
     "load_config", "load_yaml", "num_masked_patches", "parse_override", "resolve_config", "resolve_forecast",
     "resolve_model", "run_shape", "split_evenly", "summarize_config", "validate_config", "validate_model_config",

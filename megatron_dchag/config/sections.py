@@ -1,7 +1,7 @@
 """The sections of an experiment's configuration: every field, what it means, and its rules.
 
-One dataclass per YAML section (``model``, ``mae``, ``forecast``, ``parallel``, ``data``,
-``training``). Each field carries a docstring; each section's ``validate()`` checks every one of
+One dataclass per YAML section (``model``, ``mae``, ``forecast``, ``segmentation``, ``parallel``,
+``data``, ``training``). Each field carries a docstring; each section's ``validate()`` checks every one of
 its fields (values arrive already coerced to the annotated types, so the rules are ranges,
 choices and list contents). Rules between sections and against the world size are in
 :meth:`ExperimentConfig.validate`. A broken rule raises :class:`ConfigError` naming the field and
@@ -40,7 +40,8 @@ LATITUDE_WEIGHTINGS = ("cos", "area")
 # megatron-core's OptimizerParamScheduler styles; its "WSD" also needs wsd_decay_steps, which the
 # trainer does not set.
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
-WORKLOAD_SECTIONS = ("mae", "forecast")
+WORKLOAD_SECTIONS = ("mae", "forecast", "segmentation")
+SEGMENTATION_MODES = ("finetune", "linear_probe")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +285,9 @@ class ForecastConfig:
     """Include the constant outputs (land-sea mask, orography) in the loss."""
     acc_centered: bool = True
     """Pearson (centered) ACC as in ClimaX and WeatherBench 1; false: WeatherBench 2's uncentered ACC."""
+    time_features: bool = False
+    """Give the model the time of day (local solar time of each patch) and the day of year of its
+    input state, as an embedding added to its tokens. Off: no such weights (older checkpoints load)."""
 
     def validate(self) -> None:
         """Every rule of the section (``min_lead_hours`` resolved)."""
@@ -310,6 +314,54 @@ class ForecastConfig:
         check_choice("forecast.latitude_weighting", self.latitude_weighting, LATITUDE_WEIGHTINGS)
 
 
+@dataclass
+class SegmentationConfig:
+    """Per-pixel classification of hyperspectral cubes (``finetune_hyperspectral.py``): a head on
+    the encoder's tokens, trained from a pretrained MAE encoder or from scratch. The rules here
+    need no data; the task checks the label maps against them."""
+
+    mode: str = "finetune"
+    """finetune (every weight trains; the encoder at encoder_lr_multiplier x the learning rate) or
+    linear_probe (the encoder is frozen; only the head trains; PP = 1)."""
+    pretrained: Optional[str] = None
+    """MAE run whose encoder starts the model (a save directory or one of its iter_* directories),
+    loaded at this run's TP/PP layout (--pretrained). None: from scratch. Not read when
+    training.load resumes (the checkpoint holds every weight)."""
+    num_classes: Optional[int] = None
+    """Classes of the label maps (>= 2): labels 0 .. num_classes - 1. None: the length of the label
+    maps' class_names attribute, else 1 + the largest label of the training cubes."""
+    class_names: Optional[List[str]] = None
+    """Names of the classes, in label order, for the metrics table (num_classes entries). None: the
+    label maps' class_names attribute, else class_0, class_1, ..."""
+    label_dataset: str = "labels"
+    """HDF5 dataset of each cube file holding its per-pixel labels (H x W integers)."""
+    ignore_index: int = -1
+    """Label of unlabelled pixels: they count in neither the loss nor the metrics."""
+    encoder_lr_multiplier: float = 1.0
+    """Under finetune: the encoder's learning rate (and min_lr) relative to training.lr; the head
+    uses training.lr. In (0, 1]; below 1 fine-tunes the pretrained encoder more gently (on the tiny
+    synthetic benchmark of docs/downstream.md, 1 did best)."""
+
+    def validate(self) -> None:
+        """Every rule of the section."""
+        check_choice("segmentation.mode", self.mode, SEGMENTATION_MODES)
+        check_not_empty("segmentation.pretrained", self.pretrained, "training from scratch")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"segmentation.num_classes={self.num_classes} must be >= 2")
+        check_names("segmentation.class_names", self.class_names, empty_hint="leave it unset for the label maps' names")
+        if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"segmentation.class_names has {len(self.class_names)} names but "
+                              f"segmentation.num_classes={self.num_classes}")
+        if not self.label_dataset.strip():
+            raise ConfigError(f"segmentation.label_dataset='{self.label_dataset}' is empty (the HDF5 dataset "
+                              "holding each cube's labels)")
+        if self.num_classes is not None and 0 <= self.ignore_index < self.num_classes:
+            raise ConfigError(f"segmentation.ignore_index={self.ignore_index} is a class label (0 .. "
+                              f"{self.num_classes - 1}); use a value outside them, e.g. -1 or 255")
+        if not (0.0 < self.encoder_lr_multiplier <= 1.0):
+            raise ConfigError(f"segmentation.encoder_lr_multiplier={self.encoder_lr_multiplier} must be in (0, 1]")
+
+
 # ----------------------------------------------------------------------------------------------
 # parallel, data, training
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +374,9 @@ class ParallelConfig:
     Settings without meaning in the layout at hand are ignored rather than refused (as in
     Megatron-LM), so a config trained at scale also evaluates or converts at TP = PP = 1:
     ``sequence_parallel`` at TP = 1, ``virtual_pipeline_model_parallel_size`` and
-    ``pipeline_layer_split`` at PP = 1.
+    ``pipeline_layer_split`` at PP = 1, ``use_torch_fsdp2`` at DP = 1. Combinations that
+    megatron-core does not support are refused (FSDP with PP > 1, with the distributed optimizer or
+    with ``overlap_grad_reduce``).
     """
 
     tensor_model_parallel_size: int = 1
@@ -340,6 +394,16 @@ class ParallelConfig:
     allowed). None: an even split."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
     """Virtual stages per pipeline rank (>= 2) for the interleaved schedule. None: 1F1B."""
+    use_torch_fsdp2: bool = False
+    """Shard parameters, gradients and optimizer state over the data-parallel ranks with torch FSDP2
+    (megatron-core's ``TorchFullyShardedDataParallel`` in place of DDP; FSDP units: each transformer
+    layer, the channel stage and the head). TP still splits the layers and the channel groups; works
+    with sequence parallelism, gradient accumulation, bf16 and recompute. PP = 1, and not with
+    ``use_distributed_optimizer`` or ``overlap_grad_reduce``. Ignored at DP = 1."""
+    fsdp_reshard_after_forward: bool = True
+    """With use_torch_fsdp2: free each FSDP unit's all-gathered parameters after its forward and
+    gather them again for its backward; false keeps them from the forward to the backward (more
+    memory, one all-gather less per unit and micro-batch)."""
 
     def validate(self) -> None:
         """The section's own rules; the pipeline split against the model is checked by
@@ -355,6 +419,27 @@ class ParallelConfig:
         split = self.pipeline_layer_split
         if split is not None and any(n < 0 for n in split):
             raise ConfigError(f"parallel.pipeline_layer_split={split} has a negative layer count")
+        self._validate_fsdp()
+
+    def _validate_fsdp(self) -> None:
+        """What megatron-core's torch FSDP2 wrapper does not combine with (as Megatron-LM refuses)."""
+        if not self.use_torch_fsdp2:
+            return
+        if self.pipeline_model_parallel_size > 1:
+            raise ConfigError(
+                f"parallel.use_torch_fsdp2=true needs parallel.pipeline_model_parallel_size=1, got "
+                f"{self.pipeline_model_parallel_size} (megatron-core's FSDP2 wrapper does not support pipeline parallelism)"
+            )
+        if self.use_distributed_optimizer:
+            raise ConfigError(
+                "parallel.use_torch_fsdp2=true cannot be combined with parallel.use_distributed_optimizer=true "
+                "(FSDP already shards the optimizer state; megatron-core's distributed optimizer needs DDP's buffers)"
+            )
+        if self.overlap_grad_reduce:
+            raise ConfigError(
+                "parallel.use_torch_fsdp2=true cannot be combined with parallel.overlap_grad_reduce=true "
+                "(a megatron DDP option; FSDP2 always reduce-scatters gradients during the backward)"
+            )
 
 
 @dataclass
@@ -480,6 +565,24 @@ class TrainingConfig:
     """Stop (after saving the last good state) after this many non-finite steps in a row."""
     keep_last_checkpoints: Optional[int] = None
     """Keep only the newest this many checkpoints. None: keep all."""
+    override_opt_param_scheduler: bool = False
+    """On resume, take the learning-rate schedule (lr, min_lr, lr_warmup_iters, train_iters as the
+    decay length, lr_decay_style) from this config instead of the checkpoint (Megatron-LM's
+    ``--override-opt-param-scheduler``). False: the checkpoint's schedule wins, with a notice when
+    it differs from this config."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device (GPU, or GCD of an MI250X) that the logged model-FLOPs utilisation
+    (MFU) is stated against. None: the vendor's dense peak for the run's precision by device name
+    (spec sheets: AMD MI250X per GCD 191.5 bf16 / 47.9 fp32 matrix; NVIDIA H100 and H200 SXM 989
+    bf16 / 67 fp32; A100 312 bf16 / 19.5 fp32, fp32 without TF32); on the CPU or an unlisted device
+    no MFU is reported. A positive number."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project to log to, next to TensorBoard (needs the wandb package). None: no
+    W&B logging."""
+    wandb_exp_name: Optional[str] = None
+    """Name of the W&B run. None: W&B picks one."""
+    wandb_save_dir: Optional[str] = None
+    """Where W&B keeps its local files. None: ``<log_dir>/wandb``."""
 
     def validate(self) -> None:
         """Every rule of the section; the global batch against the data-parallel size is checked by
@@ -515,6 +618,11 @@ class TrainingConfig:
             check_greater("training.exit_duration_in_mins", self.exit_duration_in_mins, 0)
         check_positive("training.max_consecutive_nonfinite", self.max_consecutive_nonfinite)
         check_positive("training.keep_last_checkpoints", self.keep_last_checkpoints, optional=True)
+        if self.peak_tflops is not None:
+            check_greater("training.peak_tflops", self.peak_tflops, 0)
+        check_not_empty("training.wandb_project", self.wandb_project, "no W&B logging")
+        check_not_empty("training.wandb_exp_name", self.wandb_exp_name, "a name chosen by W&B")
+        check_not_empty("training.wandb_save_dir", self.wandb_save_dir, "<log_dir>/wandb")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,6 +640,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
     def validate(self, world_size: Optional[int] = None, workload_sections: Optional[Sequence[str]] = None) -> None:
         """Every section's rules, the rules between sections, and (when ``world_size`` is known) the
@@ -553,6 +662,13 @@ class ExperimentConfig:
             self.mae.validate(tp)
         if "forecast" in sections:
             self.forecast.validate()
+        if "segmentation" in sections:
+            self.segmentation.validate()
+            if self.segmentation.mode == "linear_probe" and self.parallel.pipeline_model_parallel_size > 1:
+                raise ConfigError(
+                    "segmentation.mode=linear_probe needs parallel.pipeline_model_parallel_size=1 (the frozen "
+                    "encoder's stages would have nothing to train; use mode=finetune for pipeline parallelism)"
+                )
         if world_size is not None:
             run_shape(self, data_parallel_size(self.parallel, world_size))
 
@@ -589,7 +705,7 @@ class ExperimentConfig:
         model, tp = self.model, self.parallel.tensor_model_parallel_size
         if not (self.parallel.sequence_parallel and tp > 1):
             return
-        if "forecast" in sections and model.num_patches % tp:
+        if ("forecast" in sections or "segmentation" in sections) and model.num_patches % tp:
             raise ConfigError(
                 f"parallel.sequence_parallel=true: the {model.num_patches} patches of model.image_size="
                 f"{list(model.image_size)} / model.patch_size={model.patch_size} are not divisible by "

@@ -22,6 +22,10 @@
   element count. Latitude weights are :func:`megatron_dchag.metrics.latitude_weights` (mean 1,
   ``forecast.latitude_weighting`` ``cos`` or ``area``). Constant outputs (land-sea mask,
   orography) are left out of the loss unless ``forecast.loss_on_constants``.
+- **Time features** (``forecast.time_features``, default off): the local solar time of each patch
+  and the day of year of the input state (:func:`time_features`), projected to the hidden size
+  and added to the encoder's input embeddings (:class:`TimeEmbeddedEncoder`); the projection
+  starts at zero. Off, the model has no such weights, so older checkpoints load unchanged.
 
 Pipeline parallelism: ``pre_process`` stages own the encoder's channel stage and embeddings,
 later stages receive hidden states through :meth:`ForecastModel.set_input_tensor`; only the
@@ -45,6 +49,10 @@ from megatron_dchag.layers.channel_plan import ChannelGroupPlan
 from megatron_dchag.layers.channel_stage import make_channel_plan
 from megatron_dchag.layers.heads import ChannelParallelHead, reduce_loss_across_tp
 from megatron_dchag.models.encoder import DCHAGEncoder, make_transformer_config
+
+SECONDS_PER_DAY = 86400.0
+DAYS_PER_YEAR = 365.2425
+NUM_TIME_FEATURES = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +203,33 @@ def unpatchify(patches: torch.Tensor, grid: Tuple[int, int], patch_size: int) ->
     return x.reshape(b, c, gh * p, gw * p)
 
 
+def time_features(input_time_s: torch.Tensor, patch_longitudes: torch.Tensor, num_patch_rows: int) -> torch.Tensor:
+    """``[L, B, 4]`` (L row-major over the patch grid): sin and cos of each patch's local solar
+    time (UTC + longitude / 15 h) and of the day of year, at the input times ``input_time_s [B]``
+    (seconds since 1970-01-01 UTC); ``patch_longitudes [gw]`` in degrees east."""
+    t = input_time_s.to(torch.float64)
+    day = torch.remainder(t, SECONDS_PER_DAY) / SECONDS_PER_DAY  # [B], fraction of the UTC day
+    year = torch.remainder(t / SECONDS_PER_DAY, DAYS_PER_YEAR) / DAYS_PER_YEAR
+    local = 2 * np.pi * (day[None, :] + patch_longitudes.to(torch.float64)[:, None] / 360.0)  # [gw, B]
+    season = 2 * np.pi * year
+    gw, b = local.shape
+    per_column = torch.stack([local.sin(), local.cos(), season.sin().expand(gw, b), season.cos().expand(gw, b)], dim=-1)
+    return per_column.unsqueeze(0).expand(num_patch_rows, gw, b, NUM_TIME_FEATURES).reshape(-1, b, NUM_TIME_FEATURES)
+
+
+class TimeEmbeddedEncoder(DCHAGEncoder):
+    """The D-CHAG encoder with one more term added to its input embeddings: ``extra_embedding``
+    ``[L, B, D]``, which the forecaster sets for the duration of one forward call."""
+
+    extra_embedding: Optional[torch.Tensor] = None
+
+    def embed(self, images, patch_index=None, lead_time_hours=None):
+        hidden = super().embed(images, patch_index, lead_time_hours)
+        if self.extra_embedding is not None:
+            hidden = hidden + self.extra_embedding.to(hidden.dtype)
+        return hidden
+
+
 class ForecastOutput(NamedTuple):
     """A tuple, so megatron's Float16Module can cast it; fields in this order."""
 
@@ -210,7 +245,9 @@ class ForecastOutput(NamedTuple):
 class ForecastModel(MegatronModule):
     """See the module docstring. ``cfg``: as loaded or already resolved (its defaults, G among
     them, are filled in by :func:`~megatron_dchag.config.resolve_config`). ``latitudes``: the data's
-    latitude of each image row (degrees, any order; default a regular cell-centre grid, south to north)."""
+    latitude of each image row (degrees, any order; default a regular cell-centre grid, south to north).
+    ``longitudes``: the data's longitude of each image column (degrees east; default a regular global
+    grid from 0°E); only the time features use them."""
 
     def __init__(
         self,
@@ -219,6 +256,7 @@ class ForecastModel(MegatronModule):
         latitudes: Optional[Sequence[float]] = None,
         pre_process: bool = True,
         post_process: bool = True,
+        longitudes: Optional[Sequence[float]] = None,
     ):
         from megatron_dchag.metrics import latitude_weights
 
@@ -236,11 +274,23 @@ class ForecastModel(MegatronModule):
         self.plan = make_channel_plan(model)
         self.channels = forecast_channels(cfg)
         self._input_range = self.plan.owned_channel_range(model.shards_channels)
-        self.encoder = DCHAGEncoder(
+        self.time_features = fc.time_features
+        encoder_class = TimeEmbeddedEncoder if self.time_features else DCHAGEncoder
+        self.encoder = encoder_class(
             model, config, seed=seed, pre_process=pre_process, post_process=post_process,
             recompute_channel_stage=cfg.training.recompute_granularity == "channel_stage",
         )
         self.grid = self.encoder.grid
+        if self.time_features and pre_process:
+            w = model.image_size[1]
+            lons = 360.0 * np.arange(w) / w if longitudes is None else np.asarray(longitudes, dtype=np.float64)
+            if lons.shape != (w,):
+                raise ConfigError(f"the data has {lons.size} longitude columns but model.image_size width is {w}")
+            self.register_buffer("patch_longitudes", torch.as_tensor(
+                lons.reshape(self.grid[1], self.patch_size).mean(axis=1)), persistent=False)
+            self.time_embedding = torch.nn.Linear(NUM_TIME_FEATURES, model.hidden_size, bias=False)
+            with torch.no_grad():  # starts as the model without time features
+                self.time_embedding.weight.zero_()
         self.output_plan = self.channels.output_plan(self.plan.tp_size, self.plan.tp_rank)
         lo, hi = self.output_plan.owned_channel_range(sharded=True)
         self._output_range = (lo, hi)
@@ -286,6 +336,11 @@ class ForecastModel(MegatronModule):
     def output_channel_names(self) -> List[str]:
         return list(self.channels.outputs[slice(*self._output_range)])
 
+    @property
+    def uses_time_features(self) -> bool:
+        """Whether :meth:`forward` needs ``input_time_s`` (``forecast.time_features``)."""
+        return self.time_features
+
     def set_input_tensor(self, input_tensor) -> None:
         self.encoder.set_input_tensor(input_tensor)
 
@@ -295,14 +350,27 @@ class ForecastModel(MegatronModule):
         images: Optional[torch.Tensor],
         lead_time_hours: Optional[torch.Tensor] = None,
         target: Optional[torch.Tensor] = None,
+        input_time_s: Optional[torch.Tensor] = None,
     ):
         """``images [B, C_in_local, H, W]`` (normalized, this rank's input channels),
-        ``lead_time_hours [B]``, ``target [B, C_out_local, H, W]`` (normalized) or ``None``.
+        ``lead_time_hours [B]``, ``target [B, C_out_local, H, W]`` (normalized) or ``None``,
+        ``input_time_s [B]`` the valid time of ``images`` (seconds since 1970-01-01 UTC; read only
+        with ``forecast.time_features``).
 
         Returns the hidden states ``[L, B, D]`` on a non-last pipeline stage; on the last stage a
         :class:`ForecastOutput` (``loss`` is NaN-free zero when ``target`` is ``None``).
         """
-        hidden = self.encoder(images if self.pre_process else None, lead_time_hours=lead_time_hours)
+        if self.time_features and self.pre_process:
+            if input_time_s is None:
+                raise ValueError("this forecaster has time features (forecast.time_features): pass input_time_s [B]")
+            features = time_features(input_time_s.to(self.patch_longitudes.device), self.patch_longitudes, self.grid[0])
+            self.encoder.extra_embedding = self.time_embedding(features.to(self.time_embedding.weight.dtype))
+            try:
+                hidden = self.encoder(images, lead_time_hours=lead_time_hours)
+            finally:
+                self.encoder.extra_embedding = None
+        else:
+            hidden = self.encoder(images if self.pre_process else None, lead_time_hours=lead_time_hours)
         if not self.post_process:
             return hidden
         out = self.head(hidden)  # [L, B, head rows, p*p]

@@ -44,6 +44,13 @@ class Task:
         ``loss_func(output) -> (loss, {"loss": detached value})``."""
         raise NotImplementedError
 
+    def learning_rate_multipliers(self) -> Dict[str, float]:
+        """Parameter-name pattern (``fnmatch``, matched against the names inside the wrapped model
+        chunks, so patterns start with ``*``) -> factor on ``training.lr`` and ``training.min_lr``
+        for the parameters it matches, e.g. a pretrained encoder fine-tuned more gently. ``{}``
+        (the default): one learning rate for every parameter."""
+        return {}
+
     def flops_per_sample(self) -> float:
         """Training FLOPs (forward + backward) of one sample, for TFLOP/s."""
         return 0.0

@@ -229,7 +229,8 @@ class ERA5ForecastTask(Task):
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)  # on the CPU: the metrics read it there
         on_device = batch_to_device(batch)
-        out = model(on_device["input"], lead_time_hours=on_device["lead_time_hours"], target=on_device["target"])
+        out = model(on_device["input"], lead_time_hours=on_device["lead_time_hours"], target=on_device["target"],
+                    input_time_s=on_device["time"])  # read only with forecast.time_features
         if isinstance(out, torch.Tensor):  # a non-last pipeline stage: hidden states
             return out, None
         loss, prediction = out[0], out[1]

@@ -7,7 +7,8 @@ from typing import Dict, Type
 
 from megatron_dchag.tasks.base import Task
 
-TASK_MODULES = ("megatron_dchag.tasks.mae_pretraining", "megatron_dchag.tasks.forecasting")
+TASK_MODULES = ("megatron_dchag.tasks.mae_pretraining", "megatron_dchag.tasks.forecasting",
+                "megatron_dchag.tasks.segmentation")
 
 
 def known_tasks() -> Dict[str, Type[Task]]:

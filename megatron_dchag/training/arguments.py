@@ -47,6 +47,12 @@ MEGATRON_FLAGS = {
     "--sequence-parallel": ("parallel.sequence_parallel", "bool"),
     "--use-distributed-optimizer": ("parallel.use_distributed_optimizer", "bool"),
     "--overlap-grad-reduce": ("parallel.overlap_grad_reduce", "bool"),
+    "--use-torch-fsdp2": ("parallel.use_torch_fsdp2", "bool"),
+    "--override-opt-param-scheduler": ("training.override_opt_param_scheduler", "bool"),
+    "--peak-tflops": ("training.peak_tflops", float),
+    "--wandb-project": ("training.wandb_project", str),
+    "--wandb-exp-name": ("training.wandb_exp_name", str),
+    "--wandb-save-dir": ("training.wandb_save_dir", str),
 }
 
 
@@ -89,14 +95,15 @@ def flag_overrides(namespace: argparse.Namespace) -> List[str]:
 
 
 # The saved run's own outputs and mode: an evaluation of it writes only where its flags say.
-_RUN_ONLY_FIELDS = ("save", "load", "log_dir", "skip_train", "finetune", "save_interval", "exit_duration_in_mins")
+_RUN_ONLY_FIELDS = ("save", "load", "log_dir", "skip_train", "finetune", "save_interval", "exit_duration_in_mins",
+                    "override_opt_param_scheduler", "wandb_project", "wandb_exp_name", "wandb_save_dir")
 
 
 def saved_run_config(load: str) -> Tuple[Dict[str, Any], str]:
     """``(config tree, where it was read)``: the config the run at ``load`` was trained with, its
     checkpoint's ``config.yaml``, else ``load/config.yaml``; without the fields of
     :data:`_RUN_ONLY_FIELDS`."""
-    from megatron_dchag.training.checkpointing import read_checkpoint_config, resolve_checkpoint_dir
+    from megatron_dchag.training.checkpoint_paths import read_checkpoint_config, resolve_checkpoint_dir
 
     checkpoint = resolve_checkpoint_dir(load)  # CheckpointError when there is no checkpoint to load
     tree, where = read_checkpoint_config(checkpoint), os.path.join(checkpoint, "config.yaml")

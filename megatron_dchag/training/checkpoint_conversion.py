@@ -9,7 +9,8 @@ MAE and forecasting checkpoints without being told which is which.
 - :func:`reshard_rank`: load model, optimizer, scheduler and data position under the target
   layout (dist_checkpointing reshards on load) and save them again there.
 - :func:`export_rank`: one process at TP=PP=1; writes all weights, unsharded, to one safetensors
-  file with the model config, task and iteration as metadata.
+  file with the model config, task, iteration and (when the checkpoint has it) the normalization
+  record (``normalization``, the JSON of :mod:`megatron_dchag.data.normalization`) as metadata.
 - :func:`import_rank`: the reverse, into a weights-only checkpoint (TP=PP=1; reshard afterwards
   for another layout).
 """
@@ -39,6 +40,7 @@ from megatron_dchag.training.checkpointing import (
     TrainingState,
     load_checkpoint,
     read_checkpoint_config,
+    read_checkpoint_normalization,
     resolve_checkpoint_dir,
     save_checkpoint,
 )
@@ -135,7 +137,8 @@ def reshard_rank(load: str, save: str, tp: int, pp: int, vpp: Union[int, None, s
     loaded = load_checkpoint(load, built.models, optimizer, scheduler, load_rng=False)
     loaded.layout = dict(tp=tp, pp=pp, dp=parallel_state.get_data_parallel_world_size())
     loaded.has_optimizer = not weights_only
-    save_checkpoint(save, loaded.iteration, built.models, optimizer, scheduler, loaded, config_to_dict(cfg))
+    save_checkpoint(save, loaded.iteration, built.models, optimizer, scheduler, loaded, config_to_dict(cfg),
+                    normalization=read_checkpoint_normalization(resolve_checkpoint_dir(load)))
     return loaded.iteration
 
 
@@ -159,11 +162,18 @@ def export_rank(load: str, out_file: str) -> Dict[str, Any]:
         "iteration": str(state.get("iteration", 0)),
         "config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120),
     }
+    normalization = read_checkpoint_normalization(resolve_checkpoint_dir(load))
+    if normalization is not None:
+        metadata["normalization"] = normalization
     directory = os.path.dirname(os.path.abspath(out_file))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(out_file)}.tmp-{os.getpid()}")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, out_file)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, out_file)
+    finally:
+        if os.path.exists(tmp):  # a failed write leaves nothing behind
+            os.remove(tmp)
     return {"tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values())}
 
 
@@ -194,7 +204,8 @@ def import_rank(in_file: str, save: str) -> int:
     iteration = int(metadata.get("iteration", 0))
     state = TrainingState(iteration=iteration, layout=dict(tp=1, pp=1, dp=1), task=metadata["task"],
                           has_optimizer=False)
-    save_checkpoint(save, iteration, [model], None, None, state, config_to_dict(cfg))
+    save_checkpoint(save, iteration, [model], None, None, state, config_to_dict(cfg),
+                    normalization=metadata.get("normalization"))
     return iteration
 
 

@@ -5,23 +5,32 @@ Layout of a save directory::
     <save>/latest_checkpointed_iteration.txt   # the tracker: "<iteration>" (written last, atomically)
     <save>/iter_0000100/                       # one dist_checkpointing directory per save
         config.yaml                            # the resolved experiment config
+        normalization.json                     # the run's per-channel normalization statistics
         ... dist_checkpointing shards and metadata (model, optimizer, scheduler, RNG, data position)
 
-A save writes into ``iter_XXXXXXX.partial-<nonce>/``; only after every rank has finished (barrier)
-does rank 0 rename it to its final name and then replace the tracker. A crash or ``kill -9`` at
-any point leaves the previous checkpoint and tracker untouched; stale ``*.partial-*`` directories
-are ignored by loads and removed by the next save.
+A save writes into ``iter_XXXXXXX.partial-<process>-<nonce>/``; only after every rank has finished
+(barrier) does rank 0 rename it to its final name and then replace the tracker. A crash or ``kill
+-9`` at any point leaves the previous checkpoint and tracker untouched; unfinished ``*.partial-*``
+directories are ignored by loads. A save removes only its own process's; those of a dead run go
+when the next run takes the directory's lock (:mod:`megatron_dchag.training.run_lock`).
+
+Shards are written synchronously in the training process
+(:class:`~megatron_dchag.compat.checkpoint_save.InProcessTorchDistSaveStrategy`): no helper process
+that a SIGTERM to the job could kill, and no process start at the first save.
 
 Model weights are sharded tensors (megatron's TP layers along their TP axis, D-CHAG channel-group
 parameters one tensor per group, see :mod:`megatron_dchag.layers.sharded_state`), so a checkpoint
-loads under any TP size dividing G and any PP/DP layout.
+loads under any TP size dividing G and any PP/DP layout. Under FSDP2 (``parallel.use_torch_fsdp2``)
+the same global tensors are written, each DP rank its own rows
+(:mod:`megatron_dchag.training.fsdp_state`), so checkpoints move freely between runs with and
+without FSDP.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -35,46 +44,26 @@ import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
+from megatron_dchag.compat.checkpoint_save import InProcessTorchDistSaveStrategy
+from megatron_dchag.compat.megatron import local_tensor_identity
 from megatron_dchag.layers.embeddings import interpolate_pos_embedding
+from megatron_dchag.training.checkpoint_paths import (  # noqa: F401  (re-exported: the checkpoint API)
+    ITER_RE,
+    PARTIAL_MARK,
+    TRACKER_FILE,
+    CheckpointError,
+    iteration_dir,
+    partial_dir,
+    read_checkpoint_config,
+    read_tracker,
+    remove_unfinished_saves,
+    resolve_checkpoint_dir,
+)
+from megatron_dchag.training.fsdp_state import FsdpRestore, fsdp_dtensors, has_fsdp_parameters, model_sharded_state_dict
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the model."""
-
-
-def iteration_dir(save_dir: str, iteration: int) -> str:
-    return os.path.join(save_dir, f"iter_{iteration:07d}")
-
-
-def read_tracker(load_dir: str) -> Optional[int]:
-    """The iteration of the latest complete checkpoint in ``load_dir`` (None if there is none)."""
-    path = os.path.join(load_dir, TRACKER_FILE)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"tracker file '{path}' should hold an iteration number, found '{text[:40]}'")
-    return int(text)
-
-
-def resolve_checkpoint_dir(load: str) -> str:
-    """``load`` may be a save directory (with a tracker) or one ``iter_*`` directory."""
-    if not os.path.exists(load):
-        raise CheckpointError(f"checkpoint directory '{load}' does not exist")
-    if os.path.isfile(os.path.join(load, "metadata.json")):
-        return load
-    iteration = read_tracker(load)
-    if iteration is None:
-        raise CheckpointError(
-            f"'{load}' holds no complete checkpoint (no {TRACKER_FILE} and no metadata.json)"
-        )
-    path = iteration_dir(load, iteration)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"tracker in '{load}' points to iteration {iteration} but '{path}' is missing")
-    return path
+# The run's normalization (megatron_dchag.data.normalization), written with the checkpoint; older
+# checkpoints have none.
+NORMALIZATION_FILE = "normalization.json"
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -169,17 +158,33 @@ def build_sharded_state_dict(
     is_loading: bool = False,
     include_rng: bool = True,
 ) -> Dict[str, Any]:
+    return _build_sharded_state_dict(models, optimizer, scheduler, state, config_dict, is_loading, include_rng)[0]
+
+
+def _build_sharded_state_dict(
+    models: List[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    state: Optional[TrainingState] = None,
+    config_dict: Optional[dict] = None,
+    is_loading: bool = False,
+    include_rng: bool = True,
+) -> Tuple[Dict[str, Any], Optional[FsdpRestore]]:
+    """The sharded state dict, and for FSDP models what turns the loaded tensors back into DTensors."""
     sd: Dict[str, Any] = {}
+    fsdp = any(has_fsdp_parameters(m) for m in models)
     for i, m in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
-        sd[key] = _unwrap(m).sharded_state_dict()
+        sd[key] = model_sharded_state_dict(_unwrap(m)) if fsdp else _unwrap(m).sharded_state_dict()
+    dtensors = fsdp_dtensors(models, optimizer) if fsdp else []
     if optimizer is not None:
         # Nested per chunk: interleaved-pipeline chunks have equal local names ("layers.0....")
         # that a flat merge would let overwrite each other.
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
-        sd["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
-        )
+        with local_tensor_identity(dtensors):
+            sd["optimizer"] = optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            )
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if state is not None:
@@ -192,7 +197,7 @@ def build_sharded_state_dict(
         sd["config"] = config_dict
     if include_rng:
         sd["rng_state"] = _rng_sharded_object(rng_state())
-    return sd
+    return sd, (FsdpRestore.record(sd, fsdp_dtensors(models, optimizer)) if fsdp else None)
 
 
 def save_checkpoint(
@@ -205,26 +210,30 @@ def save_checkpoint(
     config_dict: Optional[dict] = None,
     keep_last: Optional[int] = None,
     fault_hook: Optional[Callable[[str], None]] = None,
+    normalization: Optional[str] = None,
 ) -> str:
     """Save atomically; returns the final checkpoint directory. Collective over all ranks.
+
+    ``normalization`` (rank 0's counts): the JSON record of the run's normalization statistics,
+    written as ``normalization.json`` inside the checkpoint before it is published.
 
     ``fault_hook(stage)`` is called at stages ``"before_write"``, ``"after_write"`` and
     ``"before_publish"`` (tests inject crashes there).
     """
     rank = dist.get_rank()
     final = iteration_dir(save_dir, iteration)
-    staging = _broadcast_str(f"{final}.partial-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    staging = _broadcast_str(partial_dir(final) if rank == 0 else None)
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
-        for name in os.listdir(save_dir):  # leftovers of crashed saves
-            if ".partial-" in name or ".tmp-" in name:
-                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+        remove_unfinished_saves(save_dir, only_this_process=True)  # another run's may be in progress
         os.makedirs(staging)
     dist.barrier()
     sd = build_sharded_state_dict(models, optimizer, scheduler, state, config_dict)
     if fault_hook:
         fault_hook("before_write")
-    dist_checkpointing.save(sd, staging, validate_access_integrity=True)
+    # Written in this process: no helper process that the job's signals could kill (compat.checkpoint_save).
+    dist_checkpointing.save(sd, staging, sharded_strategy=InProcessTorchDistSaveStrategy(),
+                            validate_access_integrity=True)
     if fault_hook:
         fault_hook("after_write")
     dist.barrier()
@@ -232,6 +241,8 @@ def save_checkpoint(
         if config_dict is not None:
             _atomic_write_text(os.path.join(staging, "config.yaml"),
                               yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=None, width=120))
+        if normalization is not None:
+            _atomic_write_text(os.path.join(staging, NORMALIZATION_FILE), normalization)
         if fault_hook:
             fault_hook("before_publish")
         replace_dir_atomically(staging, final)  # re-saving the same iteration replaces it
@@ -248,6 +259,32 @@ def _prune(save_dir: str, keep_last: int, current: int) -> None:
     for it in iters[:-keep_last]:
         if it != current:
             shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
+
+
+def check_shard_files(ckpt: str) -> None:
+    """Every shard file the checkpoint's ``.metadata`` refers to exists and is long enough; else a
+    CheckpointError naming the checkpoint and the file (a copy cut short, a full disk)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not os.path.isfile(os.path.join(ckpt, ".metadata")):
+        return  # not torch_dist: megatron-core reports it
+    try:
+        storage = FileSystemReader(ckpt).read_metadata().storage_data or {}
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint '{ckpt}': its file .metadata cannot be read "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'damaged'})") from None
+    needed: Dict[str, int] = {}
+    for info in storage.values():
+        name = getattr(info, "relative_path", None)
+        if name is not None:
+            needed[name] = max(needed.get(name, 0), int(info.offset) + int(info.length))
+    for name, size in sorted(needed.items()):
+        path = os.path.join(ckpt, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint '{ckpt}': shard file {name} is missing")
+        have = os.path.getsize(path)
+        if have < size:
+            raise CheckpointError(f"checkpoint '{ckpt}': shard file {name} is truncated ({have} of {size} bytes)")
 
 
 def _prepare_shape_changes(sd: Dict[str, Any], ckpt: str, weights_only: bool, can_resize: bool) -> Dict[str, List[str]]:
@@ -278,12 +315,13 @@ def _prepare_shape_changes(sd: Dict[str, Any], ckpt: str, weights_only: bool, ca
     return resized
 
 
-def read_checkpoint_config(checkpoint_dir: str) -> Optional[dict]:
-    path = os.path.join(checkpoint_dir, "config.yaml")
+def read_checkpoint_normalization(checkpoint_dir: str) -> Optional[str]:
+    """The JSON normalization record saved in ``checkpoint_dir`` (None for older checkpoints)."""
+    path = os.path.join(checkpoint_dir, NORMALIZATION_FILE)
     if not os.path.isfile(path):
         return None
     with open(path) as fh:
-        return yaml.safe_load(fh)
+        return fh.read()
 
 
 def load_checkpoint(
@@ -302,6 +340,7 @@ def load_checkpoint(
     interpolated, when loading weights only; any other shape difference is a CheckpointError that
     lists the tensors."""
     ckpt = resolve_checkpoint_dir(load)
+    check_shard_files(ckpt)
     try:
         common = dist_checkpointing.load_common_state_dict(ckpt)
     except Exception as exc:  # missing or corrupt common.pt / metadata
@@ -318,7 +357,7 @@ def load_checkpoint(
     )
     same_layout = saved_layout == here
     use_rng = load_rng and same_layout  # RNG states are per rank: only meaningful in the same layout
-    sd = build_sharded_state_dict(
+    sd, fsdp_restore = _build_sharded_state_dict(
         models, optimizer, scheduler, TrainingState(), None, is_loading=True, include_rng=use_rng
     )
     sd.pop("training_state", None)
@@ -326,11 +365,19 @@ def load_checkpoint(
         sd.pop("opt_param_scheduler", None)
     resized = _prepare_shape_changes(sd, ckpt, weights_only=optimizer is None,
                                      can_resize=saved_grid is not None and current_grid is not None)
-    loaded = dist_checkpointing.load(sd, ckpt)
+    try:
+        loaded = dist_checkpointing.load(sd, ckpt)
+    except (EOFError, OSError, pickle.UnpicklingError) as exc:  # damage the size check cannot see
+        raise CheckpointError(f"checkpoint '{ckpt}' cannot be read: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'damaged shard data'}") from None
     for i, m in enumerate(models):
         key = "model" if len(models) == 1 else f"model{i}"
         for name in resized.get(key, ()):
             loaded[key][name] = interpolate_pos_embedding(loaded[key][name], saved_grid, current_grid)
+    if fsdp_restore is not None:
+        fsdp_restore.apply(loaded)
+    for i, m in enumerate(models):
+        key = "model" if len(models) == 1 else f"model{i}"
         _unwrap(m).load_state_dict(loaded[key], strict=strict)
     if optimizer is not None:
         with torch.no_grad():

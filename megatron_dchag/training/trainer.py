@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import os
 import resource
-import signal
 import time
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from megatron.core import parallel_state
 
@@ -41,7 +41,12 @@ from megatron_dchag.training.checkpointing import (
     resolve_checkpoint_dir,
     save_checkpoint,
 )
-from megatron_dchag.training.metrics_logger import MetricsLogger, format_train_line
+from megatron_dchag.training.checkpoint_paths import holds_no_checkpoint_yet
+from megatron_dchag.training.stop_signal import STOP_SIGNALS
+from megatron_dchag.training.metrics_logger import MetricsLogger, format_train_line, resolve_peak_tflops
+
+# The schedule fields a resumed run takes from its checkpoint unless --override-opt-param-scheduler.
+SCHEDULE_FIELDS = ("train_iters", "lr", "min_lr", "lr_warmup_iters", "lr_decay_style")
 
 
 class TrainingStopped(RuntimeError):
@@ -53,28 +58,6 @@ def peak_memory_bytes() -> int:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; checked at step boundaries (all ranks agree through a collective)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _first_few(items: List[str], shown: int = 3) -> str:
@@ -115,16 +98,23 @@ class Trainer:
         self.global_batch_size = self.shape.global_batch_size
         self.num_microbatches = self.shape.num_microbatches
         self.log_dir = tr.log_dir or tr.save
-        self.logger = MetricsLogger(self.log_dir, enabled=self.rank == 0, total_steps=tr.train_iters)
-        self.stop = _StopFlag()
+        self.logger = MetricsLogger(self.log_dir, enabled=self.rank == 0, total_steps=tr.train_iters,
+                                    wandb_project=tr.wandb_project, wandb_exp_name=tr.wandb_exp_name,
+                                    wandb_save_dir=tr.wandb_save_dir, wandb_config=config_to_dict(cfg))
+        self.peak = resolve_peak_tflops(
+            tr.peak_tflops, torch.cuda.get_device_name() if torch.cuda.is_available() else None, tr.bf16)
+        self.stop = STOP_SIGNALS  # SIGTERM/SIGINT: stop at the next step boundary (stop_signal)
         self.start_time = time.time() if start_time is None else start_time
         self._first_eval_streams: Optional[List[Any]] = None  # built before outputs, used by the first eval
+        self._normalization: Optional[str] = None  # saved with each checkpoint; read on the first save
 
     # ------------------------------------------------------------------------------------------
     def _load(self) -> TrainingState:
         tr = self.cfg.training
         if not tr.load:
             return TrainingState()
+        if not (tr.finetune or tr.skip_train) and holds_no_checkpoint_yet(tr.load):
+            return TrainingState()  # a first launch with --load X --save X (the entry point said so)
         ckpt = resolve_checkpoint_dir(tr.load)
         saved = read_checkpoint_config(ckpt)
         if saved is not None:
@@ -145,6 +135,8 @@ class Trainer:
                     f"checkpoint '{ckpt}' was saved with parallel.use_distributed_optimizer={str(saved_distopt).lower()}; "
                     "resume with the same setting (any TP/PP/DP layout works), or load the weights only with --finetune"
                 )
+        if not weights_only:
+            self._apply_schedule_choice(saved, ckpt)
         state = load_checkpoint(
             tr.load, self.models,
             optimizer=None if weights_only else self.optimizer,
@@ -154,9 +146,30 @@ class Trainer:
         )
         kind = "weights only" if weights_only else f"resuming at iteration {state.iteration}"
         self.logger.info(f"loaded checkpoint {ckpt} ({kind})")
+        if tr.skip_train:  # evaluation reports the checkpoint's iteration
+            return TrainingState(iteration=state.iteration)
         if weights_only:
             return TrainingState()
         return state
+
+    def _apply_schedule_choice(self, saved: Optional[Dict[str, Any]], where: str) -> None:
+        """On resume the scheduler's saved state wins (megatron-core's default), unless
+        ``training.override_opt_param_scheduler``; either way, say so when the saved schedule
+        differs from this config."""
+        tr = self.cfg.training
+        self.scheduler.override_opt_param_scheduler = bool(tr.override_opt_param_scheduler)
+        theirs = (saved or {}).get("training") or {}
+        diffs = [f"{name} {theirs[name]!r} -> {getattr(tr, name)!r}" for name in SCHEDULE_FIELDS
+                 if name in theirs and theirs[name] != getattr(tr, name)]
+        if not diffs:
+            return
+        if tr.override_opt_param_scheduler:
+            self.logger.info(f"note: the learning-rate schedule differs from checkpoint '{where}' "
+                             f"({', '.join(diffs)}); using the command line's (--override-opt-param-scheduler)")
+        else:
+            self.logger.info(f"note: the learning-rate schedule differs from checkpoint '{where}' "
+                             f"({', '.join(diffs)}); the checkpoint's schedule is kept (its lr, warm-up and decay "
+                             "length), give --override-opt-param-scheduler to use the command line's")
 
     def _check_architecture(self, saved: Dict[str, Any], where: str) -> None:
         """Refuse a checkpoint of another architecture, listing every difference. Both configs are
@@ -192,9 +205,21 @@ class Trainer:
         path = save_checkpoint(
             tr.save, iteration, self.models, self.optimizer, self.scheduler, state,
             config_to_dict(self.cfg), keep_last=tr.keep_last_checkpoints, fault_hook=hook,
+            normalization=self._normalization_record(),
         )
         self.logger.info(f"saved checkpoint {path}")
         self.logger.record("event", iteration, event="checkpoint", path=path)
+
+    def _normalization_record(self) -> Optional[str]:
+        """The run's normalization statistics (``data.stats_file``) as the JSON record each
+        checkpoint carries; rank 0 reads the file once, the other ranks write nothing."""
+        if self.rank != 0:
+            return None
+        if self._normalization is None:
+            from megatron_dchag.data.normalization import normalization_from_stats_file
+
+            self._normalization = normalization_from_stats_file(self.cfg.data.stats_file).to_json()
+        return self._normalization
 
     # ------------------------------------------------------------------------------------------
     def _seq_length(self) -> int:
@@ -259,6 +284,8 @@ class Trainer:
                 g = getattr(p, "main_grad", None)
                 if g is None:
                     g = p.grad
+                if isinstance(g, DTensor):  # FSDP: this rank's shard (every rank checks its own)
+                    g = g.to_local()
                 if g is not None and not torch.isfinite(g).all():
                     finite = False
                     break
@@ -322,6 +349,12 @@ class Trainer:
             self._first_eval_streams = self._eval_streams()
         self.logger.info("resolved config (long lists shortened; config.yaml has them whole):\n" + summarize_config(cfg))
         self.logger.info(self.channel_layout())
+        if not tr.save and not self.log_dir:
+            self.logger.info("note: no --save and no --log-dir: nothing will be written (no checkpoint, "
+                             "metrics.jsonl, TensorBoard events or config.yaml); only these lines are output")
+        if not tr.skip_train:
+            self.logger.info(f"MFU against {self.peak.tflops:g} TFLOP/s per device ({self.peak.source})" if self.peak
+                             else "MFU not reported: no peak TFLOP/s known for this device (give --peak-tflops)")
         if self.rank == 0 and self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             tmp = os.path.join(self.log_dir, ".config.yaml.tmp")
@@ -383,12 +416,18 @@ class Trainer:
                     elapsed = max(time.time() - window_start, 1e-9)
                     samples_per_s = window_steps * self.global_batch_size / elapsed
                     world = dist.get_world_size()
+                    tflops = flops * samples_per_s / world / 1e12 if flops else None
+                    step_s = elapsed / window_steps
                     rec = self.logger.record(
                         "train", iteration, loss=sum(window_losses) / len(window_losses),
                         lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
-                        samples_per_s=samples_per_s,
-                        tflops=flops * samples_per_s / world / 1e12 if flops else None,
-                        peak_mem_bytes=peak_memory_bytes(), **{k: v for k, v in losses.items() if k != "loss"},
+                        samples_per_s=samples_per_s, tflops=tflops,
+                        peak_mem_bytes=peak_memory_bytes(), train_iters=tr.train_iters,
+                        consumed_samples=iteration * self.global_batch_size, iteration_time_ms=1000 * step_s,
+                        mfu=tflops / self.peak.tflops if tflops is not None and self.peak else None,
+                        peak_tflops=self.peak.tflops if self.peak else None,
+                        eta_s=(tr.train_iters - iteration) * step_s,
+                        **{k: v for k, v in losses.items() if k != "loss"},
                     )
                     self.logger.info(format_train_line(rec))
                     window_start, window_steps, window_losses = time.time(), 0, []

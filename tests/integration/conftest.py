@@ -91,3 +91,15 @@ def hyperspectral_data(tmp_path_factory):
     subprocess.run([sys.executable, "tools/compute_stats.py", "--data-path", str(cubes), "--out", str(stats), "--quiet"],
                    cwd=REPO, check=True, capture_output=True)
     return dict(data=str(cubes), stats=str(stats), root=root)
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(hyperspectral_data, tmp_path_factory):
+    """A 2-step tiny MAE run at TP=1 saved under ``<root>/run`` (checkpoint, metrics.jsonl,
+    config.yaml), with the arguments that made it (``args``, without ``--save``)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    args = [*TINY_MAE, "--data-path", hyperspectral_data["data"], f"data.stats_file={hyperspectral_data['stats']}",
+            "--tensor-model-parallel-size", "1", "--train-iters", "2", "--eval-iters", "0"]
+    res = run_script("pretrain_hyperspectral.py", [*args, "--save", str(run)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return dict(run=run, args=args)

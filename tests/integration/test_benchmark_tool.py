@@ -137,3 +137,41 @@ def test_tokenizer_bench_schema(tmp_path):
         assert len(rec[mode]["grouped_times_s"]) == 2
     bound = rec["matmul_bound"]
     assert bound["gflops"] > 0 and bound["max_speedup_forward_backward"] > 0
+
+
+def test_channel_stage_bench(tmp_path):
+    """--channel-stage-bench on a tiny stage: both paths measured, outputs agree, fused peak below
+    the reference's with all patches; the markdown renders again from the JSON."""
+    paths = {k: tmp_path / f"stage.{k}" for k in ("json", "md")}
+    res = _run(["tools/benchmark.py", "--channel-stage-bench", "--channels", "16", "--trees", "[]", "[4]",
+                "--visible-fractions", "1.0", "0.5", "--image-size", "16", "16", "--patch-size", "4",
+                "--hidden-size", "32", "--num-heads", "2", "--steps", "1", "--warmup", "0", "--threads", "1",
+                "--json", str(paths["json"]), "--markdown", str(paths["md"])], timeout=SHORT_TIMEOUT_S)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(paths["json"].read_text())
+    assert doc["kind"] == "channel_stage_bench" and doc["schema_version"] == SCHEMA_VERSION
+    assert doc["command"].startswith("python tools/benchmark.py --channel-stage-bench")
+    assert doc["machine"]["load_average_start"] and doc["machine"]["load_average_end"]
+    assert doc["config"]["tp"] == 1 and doc["config"]["channel_groups"] == 1 and doc["config"]["threads"] == 1
+    records = doc["records"]
+    assert [(r["tree"], r["visible_fraction"]) for r in records] == [([], 1.0), ([], 0.5), ([4], 1.0), ([4], 0.5)]
+    for r in records:
+        assert r["status"] == "ok" and r["outputs_match"] is True, r
+        assert r["output_max_rel_diff"] < 1e-4 and r["grad_max_rel_diff"] < 1e-4
+        assert r["output_shape"] == [r["visible_patches"], 2, 32]
+        assert r["visible_patches"] == (16 if r["visible_fraction"] == 1.0 else 8)
+        for path in ("fused", "reference"):
+            assert r[path]["peak_mem_bytes"] > 0 and len(r[path]["step_times_s"]) == 1 and r[path]["step_time_s"] > 0
+        assert r["peak_ratio"] == pytest.approx(r["fused"]["peak_mem_bytes"] / r["reference"]["peak_mem_bytes"])
+        assert r["speedup"] == pytest.approx(r["reference"]["step_time_s"] / r["fused"]["step_time_s"])
+        if r["visible_fraction"] == 1.0:
+            # no [C, L, B, D] tokens nor their gradient on the fused path
+            assert r["fused"]["peak_mem_bytes"] < r["reference"]["peak_mem_bytes"], r
+    md = paths["md"].read_text()
+    assert "| C | tree | input | fused peak MiB | reference peak MiB | fused / ref |" in md
+    assert len([line for line in md.splitlines() if line.startswith("| 16 |")]) == 4
+    again = tmp_path / "again.md"
+    res = _run(["tools/benchmark.py", "--from-json", str(paths["json"]), "--markdown", str(again)],
+               timeout=SHORT_TIMEOUT_S)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert again.read_text() == md

@@ -1,16 +1,21 @@
-"""Crash-safe saves, clean stops, non-finite steps, warm starts and bad input (pretrain_hyperspectral.py)."""
+"""Crash-safe saves, clean stops on signals (any launcher), one run per save directory, first launches with
+--load X --save X, non-finite steps, warm starts and bad input (pretrain_hyperspectral.py)."""
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
 from tests.limits import RUN_TIMEOUT_S
 
-from tests.integration.conftest import (REPO, TINY_MAE, read_metrics, run_script, train_losses,
+from tests.integration.conftest import (REPO, TINY_MAE, free_port, read_metrics, run_script, train_losses,
                                         wait_for_step)
 
 
@@ -39,32 +44,114 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes_exactly(hyperspe
     assert not [p for p in os.listdir(run) if ".partial-" in p]  # leftovers of the crash were cleaned
 
 
-def test_sigterm_saves_and_exits_zero_then_resumes_exactly(hyperspectral_data, tmp_path):
-    """What SLURM does before the walltime: SIGTERM to every task."""
-    common = ["--train-iters", "500", "--tensor-model-parallel-size", "1"]
-    run = tmp_path / "run"
+def _start(args, nproc: int) -> subprocess.Popen:
+    """A training run in its own session and process group (as a batch job's step is); its
+    output goes to files, read back by :func:`_finish`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, "pretrain_hyperspectral.py",
-                             *_args(hyperspectral_data, *common, "--save", str(run))],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env.pop("WORLD_SIZE", None)
+    if nproc == 1:
+        cmd = [sys.executable, "pretrain_hyperspectral.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "pretrain_hyperspectral.py", *args]
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+    proc.outputs = (out, err)
+    return proc
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        returncode = proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        _kill_group(proc.pid, signal.SIGKILL)
+    out, err = proc.outputs
+    out.seek(0)
+    err.seek(0)
+    return subprocess.CompletedProcess(proc.args, returncode, out.read(), err.read())
+
+
+def _kill_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _job_process_groups(launcher_pid: int) -> list:
+    """The process groups of a run: the launcher's, and under torchrun each rank's own (torch
+    elastic starts every rank in a new session)."""
+    groups = {launcher_pid}
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid)], capture_output=True, text=True)
+    for pid in children.stdout.split():
+        try:
+            groups.add(os.getpgid(int(pid)))
+        except ProcessLookupError:
+            pass
+    return sorted(groups)
+
+
+# Launcher, TP size, what receives SIGTERM, and the periodic save interval (1000: the stop is the
+# first save). "group": the launcher's process group (Ctrl-C in a terminal, kill -TERM -PGID);
+# "job": every process of the run, as SLURM signals a job step before its time limit.
+SIGNAL_CASES = {
+    "python-group-before-any-save": ("python", 1, "group", 1000),
+    "python-group-after-a-periodic-save": ("python", 1, "group", 2),
+    "torchrun-group-before-any-save": ("torchrun", 2, "group", 1000),
+    "torchrun-job-after-a-periodic-save": ("torchrun", 2, "job", 2),
+}
+RESUME_TO = 20  # the uninterrupted reference and the resumed run stop here
+_references: dict = {}
+
+
+def _reference_losses(data, tmp_path_factory, launcher: str, tp: int) -> dict:
+    """Train losses of an uninterrupted run to RESUME_TO (one per launcher, shared by its cases)."""
+    if launcher not in _references:
+        ref = tmp_path_factory.mktemp(f"reference_{launcher}")
+        run_script("pretrain_hyperspectral.py",
+                   _args(data, "--train-iters", "500", "--tensor-model-parallel-size", str(tp), "--log-dir", str(ref)),
+                   nproc=tp, env_extra={"MEGATRON_DCHAG_FAULT": f"exit_after_iteration:{RESUME_TO}"})
+        _references[launcher] = train_losses(ref)
+    return _references[launcher]
+
+
+@pytest.mark.parametrize("case", list(SIGNAL_CASES))
+def test_sigterm_to_the_job_saves_exits_zero_and_resumes_exactly(hyperspectral_data, tmp_path, tmp_path_factory,
+                                                                 case):
+    launcher, tp, target, save_interval = SIGNAL_CASES[case]
+    run = tmp_path / "run"
+    common = ["--train-iters", "500", "--tensor-model-parallel-size", str(tp)]
+    proc = _start(_args(hyperspectral_data, *common, "--save-interval", str(save_interval), "--save", str(run)),
+                  nproc=tp)
     try:
         wait_for_step(run, 3, proc)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, proc.stderr.read()[-2000:]
+        groups = _job_process_groups(proc.pid) if target == "job" else [proc.pid]
+        for pgid in groups:
+            _kill_group(pgid, signal.SIGTERM)
     finally:
-        proc.kill()
+        res = _finish(proc)
     stopped_at = int((run / "latest_checkpointed_iteration.txt").read_text())
-    assert stopped_at >= 3
+    names = os.listdir(run)
+    assert 3 <= stopped_at < RESUME_TO, res.stderr[-2000:]
+    assert f"iter_{stopped_at:07d}" in names and not [n for n in names if ".partial-" in n or "lock" in n], names
+    assert (run / f"iter_{stopped_at:07d}" / "metadata.json").is_file()
     assert any(r.get("event") == "exit" for r in read_metrics(run))
-    stop_after = stopped_at + 3
-    fault = {"MEGATRON_DCHAG_FAULT": f"exit_after_iteration:{stop_after}"}
-    straight = tmp_path / "straight"
-    run_script("pretrain_hyperspectral.py", _args(hyperspectral_data, *common, "--log-dir", str(straight)),
-               env_extra=fault)
-    run_script("pretrain_hyperspectral.py", _args(hyperspectral_data, *common, "--load", str(run), "--log-dir",
-                                                  str(run)), env_extra=fault)
-    expected, got = train_losses(straight), train_losses(run)
-    for step in range(1, stop_after + 1):
+    assert "BrokenPipe" not in res.stderr and "Unable to shutdown process" not in res.stderr, res.stderr[-2000:]
+    if launcher == "python":
+        assert res.returncode == 0, res.stderr[-2000:]
+    else:
+        # torchrun's agent forwards SIGTERM to the ranks, waits for them (they save and exit 0),
+        # then re-raises the signal as its own SignalException: exit status 1 (docs/cluster.md).
+        assert res.returncode == 1 and "SignalException" in res.stderr, res.stderr[-2000:]
+        assert "ChildFailedError" not in res.stderr and 'pretrain_hyperspectral.py", line' not in res.stderr, \
+            res.stderr[-2000:]
+    # the sbatch pattern: --load X --save X, again and again
+    resumed = run_script("pretrain_hyperspectral.py", _args(hyperspectral_data, *common, "--load", str(run), "--save",
+                                                            str(run)),
+                         nproc=tp, env_extra={"MEGATRON_DCHAG_FAULT": f"exit_after_iteration:{RESUME_TO}"})
+    expected, got = _reference_losses(hyperspectral_data, tmp_path_factory, launcher, tp), train_losses(run)
+    assert sorted(got) == list(range(1, RESUME_TO + 1)), resumed.stderr[-2000:]
+    for step in range(1, RESUME_TO + 1):
         assert got[step] == expected[step], step
 
 
@@ -125,7 +212,7 @@ def _truncated_copy(data, root):
 
 
 @pytest.mark.parametrize("case", ["missing_config", "bad_yaml", "unknown_field", "truncated_hdf5", "channel_count",
-                                  "missing_checkpoint", "world_size", "batch_size"])
+                                  "not_a_checkpoint", "world_size", "batch_size"])
 def test_bad_input_is_one_line_and_writes_nothing(hyperspectral_data, tmp_path, case):
     out = tmp_path / "out"
     one = ["--tensor-model-parallel-size", "1", "--train-iters", "2", "--save", str(out)]
@@ -142,8 +229,10 @@ def test_bad_input_is_one_line_and_writes_nothing(hyperspectral_data, tmp_path, 
         args, expect = _args(dict(hyperspectral_data, data=str(bad)), *one), name
     elif case == "channel_count":
         args, expect = args + ["model.num_channels=12"], "has 16 channels"
-    elif case == "missing_checkpoint":
-        args, expect = args + ["--load", str(tmp_path / "no_ckpt")], "no_ckpt' does not exist"
+    elif case == "not_a_checkpoint":  # (a missing or empty --load starts from scratch, see below)
+        (tmp_path / "no_ckpt").mkdir()
+        (tmp_path / "no_ckpt" / "weights.bin").write_text("")
+        args, expect = args + ["--load", str(tmp_path / "no_ckpt")], "no_ckpt' holds no complete checkpoint"
     elif case == "world_size":
         args, expect = args + ["--pipeline-model-parallel-size", "2"], "world size 1 is not divisible"
     elif case == "batch_size":
@@ -157,3 +246,47 @@ def test_bad_input_is_one_line_and_writes_nothing(hyperspectral_data, tmp_path, 
     if case == "unknown_field":
         debug = run_script("pretrain_hyperspectral.py", args + ["--debug"])
         assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_one_run_per_save_directory_and_a_first_launch_with_load_and_save_alike(hyperspectral_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ".dchag-run.lock"
+    one = ["--tensor-model-parallel-size", "1", "--train-iters", "2", "--eval-iters", "1", "--load", str(run),
+           "--save", str(run)]
+    # held: a live process on this host (the test itself)
+    lock.write_text(json.dumps(dict(host=socket.gethostname(), pid=os.getpid(), started=time.time())))
+    res = run_script("pretrain_hyperspectral.py", _args(hyperspectral_data, *one))
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"--save {run} is in use by another run" in errors[0], res.stderr[-2000:]
+    assert f"PID {os.getpid()}" in errors[0] and "Traceback" not in res.stderr
+    assert os.listdir(run) == [lock.name]  # nothing written
+    # stale: its PID is gone; it left an unfinished save behind
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid, started=time.time())))
+    (run / "iter_0000002.partial-0123abcd-0000").mkdir()
+    res = run_script("pretrain_hyperspectral.py", _args(hyperspectral_data, *one))
+    assert res.returncode == 0, res.stderr[-2000:]
+    notices = [line for line in res.stderr.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 2, res.stderr[-2000:]
+    assert f"--load {run} holds no checkpoint yet; starting from scratch" in notices[0]
+    assert f"took over the stale lock of --save {run}" in notices[1] and f"PID {dead.pid} is not running" in notices[1]
+    assert sorted(p for p in os.listdir(run) if p.startswith(("iter_", "."))) == ["iter_0000002"]  # lock released
+    # --skip-train --load: the evaluation is logged at the checkpoint's iteration
+    evaluated = tmp_path / "eval"
+    res = run_script("pretrain_hyperspectral.py", _args(hyperspectral_data, "--tensor-model-parallel-size", "1",
+                                                        "--skip-train", "--eval-iters", "1", "--load", str(run),
+                                                        "--log-dir", str(evaluated)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(evaluated) if r["kind"] == "eval"] == [2]
+
+
+def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
+    res = run_script("pretrain_hyperspectral.py", [*TINY_MAE, "training.lrr=1", "--save", str(tmp_path / "out")],
+                     nproc=2)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown config field 'training.lrr' (did you mean 'lr'?)"], res.stderr[-3000:]
+    assert "exitcode  : 2" in res.stderr, res.stderr[-3000:]  # torchrun's report of the failed ranks
+    assert not (tmp_path / "out").exists()

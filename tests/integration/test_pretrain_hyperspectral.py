@@ -62,7 +62,7 @@ def test_outputs_follow_the_contract(hyperspectral_data, tmp_path):
     assert train[-1]["tflops"] > 0 and train[-1]["samples_per_s"] > 0
     assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4]
     assert (log_dir / "config.yaml").exists()
-    assert "step      4" in res.stdout
+    assert " iteration      4/     4 | consumed samples:" in res.stdout
 
 
 @pytest.mark.parametrize(

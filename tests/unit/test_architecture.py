@@ -30,11 +30,12 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("config", ("megatron_dchag.config",)),
     ("runtime", ("megatron_dchag.launch_env", "megatron_dchag.compat", "megatron_dchag.device",
                  "megatron_dchag.distributed")),
-    ("building blocks", ("megatron_dchag.layers", "megatron_dchag.metrics")),
+    ("building blocks", ("megatron_dchag.layers", "megatron_dchag.metrics", "megatron_dchag.segmentation_metrics")),
     ("models", ("megatron_dchag.models",)),
     ("cost models", ("megatron_dchag.flops", "megatron_dchag.memory_model")),
     ("tasks", ("megatron_dchag.tasks",)),
     ("training", ("megatron_dchag.training",)),
+    ("inference", ("megatron_dchag.inference",)),
     ("cli", ("megatron_dchag.cli",)),
 )
 

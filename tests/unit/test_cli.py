@@ -22,7 +22,7 @@ CLI_DIR = REPO / "megatron_dchag" / "cli"
 # Modules of megatron_dchag/cli/ that are not commands.
 HELPER_MODULES = {"__init__", "checkout"}
 # Commands with a root wrapper script instead of tools/<name>.py.
-ROOT_SCRIPTS = {"pretrain_hyperspectral", "pretrain_era5"}
+ROOT_SCRIPTS = {"pretrain_hyperspectral", "pretrain_era5", "finetune_hyperspectral"}
 # Tools that still hold their own logic (and add the checkout to sys.path by hand): none any more.
 # A tool added that way would have to be listed here until it gets its module in megatron_dchag/cli/.
 NOT_YET_MOVED: set = set()

@@ -85,6 +85,16 @@ INVALID = {
     "forecast.residual": [NOT_BOOL + ([],)],
     "forecast.loss_on_constants": [NOT_BOOL + ([],)],
     "forecast.acc_centered": [NOT_BOOL + ([],)],
+    "forecast.time_features": [NOT_BOOL + ([],)],
+    "segmentation.mode": [("probe", "is not one of finetune, linear_probe", [])],
+    "segmentation.pretrained": [("''", "is empty", [])],
+    "segmentation.num_classes": [("1", "must be >= 2", [])],
+    "segmentation.class_names": [("[a, a]", "repeats a", []),
+                                 ("[a, b]", "has 2 names but segmentation.num_classes=3", ["segmentation.num_classes=3"])],
+    "segmentation.label_dataset": [("' '", "is empty", [])],
+    "segmentation.ignore_index": [("1", "is a class label", ["segmentation.num_classes=3"]),
+                                  ("x", "must be an integer", [])],
+    "segmentation.encoder_lr_multiplier": [("0", "must be in (0, 1]", []), ("1.5", "must be in (0, 1]", [])],
     "parallel.tensor_model_parallel_size": [("0", "must be a positive integer", [])],
     "parallel.pipeline_model_parallel_size": [("0", "must be a positive integer", [])],
     "parallel.sequence_parallel": [NOT_BOOL + ([],)],
@@ -94,6 +104,14 @@ INVALID = {
                                       ("[1]", "has 1 entries but needs 2",
                                        ["parallel.pipeline_model_parallel_size=2"])],
     "parallel.virtual_pipeline_model_parallel_size": [("1", "must be at least 2", [])],
+    "parallel.use_torch_fsdp2": [NOT_BOOL + ([],),
+                                 ("true", "needs parallel.pipeline_model_parallel_size=1",
+                                  ["parallel.pipeline_model_parallel_size=2"]),
+                                 ("true", "cannot be combined with parallel.use_distributed_optimizer=true",
+                                  ["parallel.use_distributed_optimizer=true"]),
+                                 ("true", "cannot be combined with parallel.overlap_grad_reduce=true",
+                                  ["parallel.overlap_grad_reduce=true"])],
+    "parallel.fsdp_reshard_after_forward": [NOT_BOOL + ([],)],
     "data.data_path": [("''", "is empty", [])],
     "data.stats_file": [("''", "is empty", [])],
     "data.file_format": [("tiff", "is not one of auto, hdf5, envi", [])],
@@ -137,6 +155,11 @@ INVALID = {
     "training.finetune": [NOT_BOOL + ([],)],
     "training.max_consecutive_nonfinite": [("0", "must be a positive integer", [])],
     "training.keep_last_checkpoints": [("0", "must be a positive integer", [])],
+    "training.override_opt_param_scheduler": [NOT_BOOL + ([],)],
+    "training.peak_tflops": [("0", "must be a finite number > 0", []), ("-989", "must be a finite number > 0", [])],
+    "training.wandb_project": [("''", "is empty", [])],
+    "training.wandb_exp_name": [("' '", "is empty", [])],
+    "training.wandb_save_dir": [("''", "is empty", [])],
 }
 
 CASES = [(name, value, rule, extra) for name, cases in INVALID.items() for value, rule, extra in cases]
@@ -190,6 +213,7 @@ def test_every_megatron_decay_style_that_the_trainer_can_run_is_accepted():
 
 @pytest.mark.parametrize("path, sections", [("configs/hyperspectral/tiny.yaml", ("mae",)),
                                             ("configs/hyperspectral/paper.yaml", ("mae",)),
+                                            ("configs/hyperspectral/segmentation_tiny.yaml", ("segmentation",)),
                                             ("configs/era5/tiny.yaml", ("forecast",)),
                                             ("configs/era5/paper.yaml", ("forecast",))])
 def test_shipped_configs_pass(path, sections):

@@ -220,6 +220,7 @@ _MEGATRON_PROBE_SOURCE = textwrap.dedent(
             "rng_is_cpu_generator": torch.equal(torch.cuda.get_rng_state(), torch.get_rng_state()),
             "is_initialized": torch.cuda.is_initialized(),
             "synchronize": torch.cuda.synchronize(),
+            "current_stream": torch.cuda.current_stream().wait_stream(torch.cuda.current_stream()),
         }
     """
 )
@@ -247,6 +248,7 @@ _REAL_TORCH_SCRIPT = textwrap.dedent(
         "pin_memory=True": lambda: torch.zeros(2, pin_memory=True).is_pinned(),
         "current_device()": lambda: str(torch.cuda.current_device()),
         "synchronize()": lambda: torch.cuda.synchronize(),
+        "current_stream()": lambda: str(torch.cuda.current_stream()),
         "is_initialized()": lambda: torch.cuda.is_initialized(),
         "get_rng_state()": lambda: len(torch.cuda.get_rng_state()),
         "manual_seed(1)": lambda: torch.cuda.manual_seed(1),
@@ -294,7 +296,8 @@ def test_user_code_sees_real_torch_and_megatron_code_the_cpu():
     # Project and user code: exactly what CPU-only torch does without the layer.
     assert out["after"] == out["before"]
     assert out["after"]["zeros(2).type()"] == ["returns", "torch.FloatTensor"]
-    for call in ("device='cuda'", "cuda()", "current_device()", "get_rng_state()", "synchronize()"):
+    for call in ("device='cuda'", "cuda()", "current_device()", "get_rng_state()", "synchronize()",
+                 "current_stream()"):
         assert out["after"][call][0] == "raises", call
     assert out["after"]["is_initialized()"] == ["returns", False]
     # megatron-core's code: the CPU.
@@ -308,6 +311,7 @@ def test_user_code_sees_real_torch_and_megatron_code_the_cpu():
         "rng_is_cpu_generator": True,
         "is_initialized": True,
         "synchronize": None,
+        "current_stream": None,
     }
     # The mode is thread-local: a thread runs megatron-core after installing the layer there.
     assert out["thread"]["before_install"][0] == "raises"
@@ -319,7 +323,7 @@ _NO_OP_SCRIPT = textwrap.dedent(
     """
     import json, torch
     original = {name: getattr(torch.cuda, name)
-                for name in ("current_device", "synchronize", "is_initialized", "get_rng_state",
+                for name in ("current_device", "synchronize", "current_stream", "is_initialized", "get_rng_state",
                              "manual_seed", "default_generators")}
     torch.cuda.is_available = lambda: True   # pretend a GPU is present
     from megatron_dchag.compat.cpu import install_cpu_compat, is_cpu_compat_installed
@@ -616,3 +620,74 @@ def test_torch_adam_work_arounds_are_needed_exactly_where_they_apply(tmp_path):
     assert out["fresh_template_with"] is None, out["fresh_template_with"]
     assert out["load_with"] is None, out["load_with"]
     assert out["state_restored"]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch FSDP2 under megatron-core: the CPU mesh and the two megatron/torch work-arounds
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_fsdp2_pieces():
+    """megatron-core's ``TorchFullyShardedDataParallel`` over 2 gloo ranks: the mesh it builds, what
+    ``DeviceMesh.from_group(..., "cuda")`` does for other callers, ``finish_grad_sync`` as
+    ``finalize_model_grads`` calls it, and ``DTensor.to_local()`` identities, each without and with
+    the work-around."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import TorchFullyShardedDataParallel, TorchFullyShardedDataParallelConfig
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from megatron_dchag.compat import megatron as compat
+
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, use_cpu_initialization=True)
+
+    class Tiny(MegatronModule):
+        def __init__(self):
+            super().__init__(config)
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    model = TorchFullyShardedDataParallel(config, TorchFullyShardedDataParallelConfig(), Tiny(),
+                                          sub_modules_to_wrap=set())
+    out = {
+        "version": ".".join(map(str, compat.MEGATRON_CORE_VERSION)),
+        "torch": ".".join(map(str, compat.TORCH_VERSION)),
+        "mesh": model.device_mesh.device_type,
+        "user_cuda_mesh": DeviceMesh.from_group(parallel_state.get_data_parallel_group(), "cuda").device_type,
+        "finish_applies": compat.MEGATRON_CORE_VERSION in compat.TORCH_FSDP2_FINISH_GRAD_SYNC_VERSIONS,
+        "to_local_applies": compat.TORCH_VERSION in compat.TORCH_PARAMETER_TO_LOCAL_VIEW_VERSIONS,
+    }
+    model(torch.ones(2, 4)).sum().backward()
+    out["finish_without"] = _outcome(lambda: model.finish_grad_sync(force_all_reduce=False))
+    compat.patch_torch_fsdp2_finish_grad_sync(model)
+    out["finish_with"] = _outcome(lambda: model.finish_grad_sync(force_all_reduce=False))
+    weight = model.module.linear.weight
+    with torch.no_grad():  # as megatron-core's optimizer checkpointing calls it
+        out["to_local_stable_without"] = weight.to_local() is weight.to_local()
+        with compat.local_tensor_identity([weight]):
+            out["to_local_stable_with"] = weight.to_local() is weight._local_tensor
+        out["to_local_stable_after"] = weight.to_local() is weight.to_local()
+    out["rows"] = tuple(weight._local_tensor.shape)
+    return out
+
+
+def test_torch_fsdp2_pieces_are_needed_exactly_where_they_apply():
+    out = run_distributed(_torch_fsdp2_pieces, 2)[0]
+    version, torch_version = out["version"], out["torch"]
+    # megatron-core asks for a "cuda" mesh; on CPU it gets a CPU one, user code still gets torch's answer.
+    assert out["mesh"] == "cpu" and out["rows"] == (2, 4)
+    assert out["user_cuda_mesh"] == "cuda", "DeviceMesh.from_group(group, 'cuda') from user code must be torch's"
+    message = _needed_where_applied(out["finish_applies"], out["finish_without"], version,
+                                    "patch_torch_fsdp2_finish_grad_sync", "TORCH_FSDP2_FINISH_GRAD_SYNC_VERSIONS")
+    assert message is None, message
+    # torch's DTensor.to_local() of a Parameter: a new view per call exactly on the listed releases
+    assert out["to_local_applies"] == (not out["to_local_stable_without"]), (
+        f"torch {torch_version}: to_local() {'returns' if out['to_local_stable_without'] else 'no longer returns'} "
+        "the same tensor each call; revise TORCH_PARAMETER_TO_LOCAL_VIEW_VERSIONS")
+    if out["finish_applies"]:
+        assert out["finish_without"].startswith("TypeError") and "force_all_reduce" in out["finish_without"]
+    assert out["finish_with"] is None, out["finish_with"]
+    assert out["to_local_stable_with"] and out["to_local_stable_after"] == out["to_local_stable_without"]

@@ -1,4 +1,4 @@
-"""The memory/compute fast paths of the channel stage (issue 6): same function, less memory.
+"""The memory/compute fast paths of the channel stage: same function, less memory.
 
 - ChunkAttentionPool (folded cross-attention over channel chunks) has exact gradients;
 - the equal-chunk linear aggregation path equals explicit weighted sums;

@@ -30,3 +30,26 @@ def test_spec_selection_without_te():
     assert attn.params["attn_mask_type"] == AttnMaskType.no_mask
     if not transformer_engine_available():
         assert attn.submodules.core_attention is SDPACoreAttention
+
+
+def test_mlp_spec_follows_the_installed_megatron_core():
+    """On releases whose TransformerLayer rewraps a ModuleSpec(MLP) into ``MLP.as_mlp_submodule``
+    (with a warning per build), the spec gives that builder itself; elsewhere a ModuleSpec. Fails
+    when a release outside the recorded range gains or loses ``as_mlp_submodule``."""
+    import functools
+    import inspect
+
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_dchag.compat.megatron import MEGATRON_CORE_VERSION, MLP_AS_SUBMODULE_VERSIONS
+
+    in_range = MEGATRON_CORE_VERSION in MLP_AS_SUBMODULE_VERSIONS
+    assert hasattr(MLP, "as_mlp_submodule") == in_range, MEGATRON_CORE_VERSION
+    mlp = get_vit_layer_spec("local").submodules.mlp
+    if in_range:
+        assert "as_mlp_submodule" in inspect.getsource(TransformerLayer.__init__)
+        assert isinstance(mlp, functools.partial) and mlp.func == MLP.as_mlp_submodule
+    else:
+        assert isinstance(mlp, ModuleSpec) and mlp.module is MLP

@@ -21,6 +21,7 @@ import torch
 
 from megatron_dchag.data.hyperspectral.discovery import scan_cubes
 from megatron_dchag.data.hyperspectral.formats import CubeFormatError, CubeReader, PathLike
+from megatron_dchag.data.hyperspectral.labels import read_labels
 from megatron_dchag.data.hyperspectral.nodata import check_policy, missing_value_error
 from megatron_dchag.data.hyperspectral.splits import SplitOptions, split_collection
 from megatron_dchag.data.hyperspectral.statistics import ChannelStats, load_channel_stats
@@ -54,7 +55,9 @@ class HyperspectralDataset(torch.utils.data.Dataset):
 
     Returns ``{"image": float32 [c_local, h, w], "wavelengths": float32 [c_local] (empty ``[0]``
     when the data has none), "index": idx, "epoch": epoch}``, plus ``"valid": bool [c_local, h, w]``
-    (False at missing values) under ``nodata="mask"``. The image is normalized per channel with
+    (False at missing values) under ``nodata="mask"``, and ``"labels": int64 [h, w]`` (the same
+    window of the file's label map, :mod:`~megatron_dchag.data.hyperspectral.labels`) when
+    ``label_dataset`` names one. The image is normalized per channel with
     ``stats_file`` (``(x - mean) / std`` of the rank's channels) when given, raw values cast to
     float32 otherwise. Missing values (NaN/inf, or the file's no-data value) raise
     :class:`~megatron_dchag.data.hyperspectral.nodata.NoDataError` under ``nodata="error"`` and
@@ -83,6 +86,7 @@ class HyperspectralDataset(torch.utils.data.Dataset):
         val_files: Optional[Sequence[str]] = None,
         test_files: Optional[Sequence[str]] = None,
         nodata: str = "error",
+        label_dataset: Optional[str] = None,
     ):
         super().__init__()
         crop_h, crop_w = (int(v) for v in crop_size)
@@ -122,6 +126,7 @@ class HyperspectralDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.crop_mode = ("fixed" if split in ("val", "test") else "random") if crop == "auto" else crop
         self.samples_per_file = samples_per_file
+        self.label_dataset = label_dataset
         self.epoch = 0
 
         self.all_wavelengths: Optional[np.ndarray] = collection.wavelengths
@@ -208,6 +213,8 @@ class HyperspectralDataset(torch.utils.data.Dataset):
         }
         if self.nodata == "mask":
             item["valid"] = torch.from_numpy(np.ones(block.shape, dtype=bool) if finite is None else finite)
+        if self.label_dataset is not None:
+            item["labels"] = torch.from_numpy(read_labels(reader.path, self.label_dataset, y0, y1, x0, x1))
         return item
 
     def close(self) -> None:
