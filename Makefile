@@ -69,7 +69,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test-primary: $(STAMP)
-	@echo "== primary stack: $$($(PY) -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")')"
+	@echo "== primary stack: $$($(PY) -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")' 2>/dev/null)"
 	OMP_NUM_THREADS=$(OMP) $(PY) -m pytest -q tests
 
 test-second-stack: $(STAMP312)

@@ -45,11 +45,15 @@ machine), ``--markdown`` (a table with ratios against ``tp_baseline`` at the sam
 count) and ``--plot`` (PNG: memory and throughput vs channels, one line per case).
 ``--tokenizer-bench`` instead times the grouped tokenizer against a per-channel loop of patch
 embeddings in one process (layers only, no training step).
-``--channel-stage-bench`` instead runs the ``dchag`` channel stage alone (TP=1, one process) on
-both paths of a linear tree, fused and reference, with identical parameters: per case (``--channels``
-x ``--trees`` x ``--visible-fractions``) the peak of one forward + backward under MemTracker, the
-median time of interleaved forward + backward steps, and the largest relative difference of the
-outputs and gradients (a fused path that differs reports a mismatch, not a speed-up).
+``--channel-stage-bench`` instead runs the ``dchag`` channel stage alone on both paths of a linear
+tree, fused and reference, with identical parameters: per case (``--channels`` x ``--trees`` x
+``--visible-fractions``) the peak of one forward + backward under MemTracker, the median time of
+interleaved forward + backward steps, and the largest relative difference of the outputs and
+gradients (a fused path that differs reports a mismatch, not a speed-up). One process at ``--tp 1``
+(its default); at ``--tp T`` T ranks, each with its share of the stage as the encoder builds it
+(its channel groups and tree, the all-gather of the group tokens, its shard of the final TP
+cross-attention; G defaults to T): the peak per rank (max over ranks), each step's time the
+slowest rank's.
 
 Examples::
 
@@ -59,6 +63,8 @@ Examples::
     python tools/benchmark.py --tokenizer-bench --channels 500 --json docs/bench/tokenizer.json
     python tools/benchmark.py --channel-stage-bench --channels 1024 512 --trees '[]' '[64,4]' \\
         --visible-fractions 1.0 0.25 --steps 7 --json docs/bench/fused_channel_stage.json
+    python tools/benchmark.py --channel-stage-bench --tp 4 --channels 1024 --trees '[]' \\
+        --visible-fractions 1.0 --steps 7 --warmup 1 --json docs/bench/fused_channel_stage_tp4.json
 
 (installed as the console script ``dchag-benchmark`` with the same flags). Cases that cannot run
 (e.g. groups not divisible by TP, a tree chunk larger than a group) are reported with the reason,
@@ -92,6 +98,8 @@ PARTIAL = ("hierarchical", "dchag")
 SCHEMA_VERSION = 2
 # What the step runs, for the memory model (megatron_dchag.memory_model.MemoryConfig.framework).
 FRAMEWORK = "megatron"
+# --tp when not given: the training-step cases; --channel-stage-bench runs at TP=1 by default.
+DEFAULT_TP = 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,7 +121,8 @@ def parse_layout(text: str) -> Tuple[int, int]:
 def layouts_of(args: argparse.Namespace) -> List[Tuple[int, int]]:
     """The (TP, FSDP) layouts to run, in order: ``--layouts``, else every ``--tp`` x ``--fsdp``."""
     layouts = getattr(args, "layouts", None)
-    return list(layouts) if layouts else [(tp, fsdp) for tp in args.tp for fsdp in getattr(args, "fsdp", [1])]
+    tps = args.tp or [DEFAULT_TP]
+    return list(layouts) if layouts else [(tp, fsdp) for tp in tps for fsdp in getattr(args, "fsdp", [1])]
 
 
 def parse_tree(text: str) -> List[int]:
@@ -137,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channel-stage-impl", nargs="+", default=["auto"], choices=CHANNEL_STAGE_IMPLS,
                    dest="channel_stage_impls",
                    help="model.channel_stage_impl values for the cases with a linear tree (one case each)")
-    g.add_argument("--tp", nargs="+", type=int, default=[4], help="tensor-parallel sizes (processes)")
+    g.add_argument("--tp", nargs="+", type=int, default=None,
+                   help="tensor-parallel sizes (processes; default 4, with --channel-stage-bench one size, default 1)")
     g.add_argument("--fsdp", nargs="+", type=int, default=[1],
                    help="FSDP degrees: a case at TP t and FSDP f runs on t x f processes, its parameters, "
                         "gradients and optimizer state sharded over the f data-parallel ranks "
@@ -152,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers", type=int, default=2)
     g.add_argument("--num-heads", type=int, default=4)
     g.add_argument("--ffn-hidden-size", type=int, default=None)
-    g.add_argument("--channel-groups", type=int, default=None, help="G (default: the TP size)")
+    g.add_argument("--channel-groups", type=int, default=None,
+                   help="G (default: the TP size, also with --channel-stage-bench)")
     g.add_argument("--micro-batch-size", type=int, default=2)
     g.add_argument("--with-head", action="store_true", help="add a channel-parallel head and an MSE loss")
     g = p.add_argument_group("fast paths")
@@ -165,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=1, help="untimed steps per case before timing")
     g.add_argument("--mem-steps", type=int, default=2, help="steps under MemTracker (>= 2 to include a full step cycle)")
     g.add_argument("--no-interleave", action="store_true", help="time each case on its own instead of round robin")
-    g.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores // TP, at least 1)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="threads per rank (default: cores // TP, at least 1; --channel-stage-bench at TP=1: 1)")
     g.add_argument("--time-budget", type=float, default=3600.0,
                    help="seconds; cases not started when it runs out are reported as skipped")
     g.add_argument("--seed", type=int, default=1234)
@@ -183,11 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-repeats", type=int, default=5)
     g.add_argument("--tokenizer-mask-ratio", type=float, default=None,
                    help="also time MAE-style tokenization of the visible patches only")
-    g = p.add_argument_group("channel-stage benchmark (also: --channels, --trees, --channel-groups, --steps, "
+    g = p.add_argument_group("channel-stage benchmark (also: --tp, --channels, --trees, --channel-groups, --steps, "
                                  "--warmup, --threads, --seed and the model sizes)")
     g.add_argument("--channel-stage-bench", action="store_true",
-                   help="one process, TP=1: the dchag channel stage fused vs reference (linear trees), "
-                        "forward + backward of the stage alone")
+                   help="the dchag channel stage fused vs reference (linear trees), forward + backward of the "
+                        "stage alone: one process at --tp 1 (the default), else TP gloo/nccl ranks, each with "
+                        "its share of the stage; G defaults to the TP size")
     g.add_argument("--visible-fractions", nargs="+", type=float, default=[1.0],
                    help="fractions of patch positions given to the stage (1.0: all; < 1: a masked MAE input)")
     return p
@@ -1077,22 +1090,25 @@ def _single_rank_job(seed: int):
                 os.environ[k] = v
 
 
-def _stage_model_config(args, channels: int, tree: List[int], impl: str):
-    """The ``dchag`` model of one case at TP=1, linear tree, ``model.channel_stage_impl=impl``."""
+def _stage_model_config(args, channels: int, tree: List[int], impl: str, tp: int = 1):
+    """The ``dchag`` model of one case at TP ``tp`` (G: ``--channel-groups``, default ``tp``),
+    linear tree, ``model.channel_stage_impl=impl``."""
     from megatron_dchag.config import ModelConfig, resolve_model
 
     model = ModelConfig(num_channels=channels, image_size=tuple(args.image_size), patch_size=args.patch_size,
                         hidden_size=args.hidden_size, num_layers=args.num_layers, num_attention_heads=args.num_heads,
-                        channel_groups=args.channel_groups or 1, strategy="dchag", aggregation_layer="linear",
+                        channel_groups=args.channel_groups or tp, strategy="dchag", aggregation_layer="linear",
                         aggregation_tree=list(tree), channel_stage_impl=impl)
-    model = resolve_model(model, 1)
-    model.validate(1)
+    model = resolve_model(model, tp)
+    model.validate(tp)
     return model
 
 
-def _build_stage(args, model, device):
-    """``ChannelAggregationStage`` as the encoder builds it (TP=1); the same seed gives the same
-    parameters on both paths (copied over anyway by the caller)."""
+def _build_stage(args, model, device, tp: int = 1):
+    """``ChannelAggregationStage`` as the encoder builds it: this TP rank's share (its channel
+    groups and tree, the all-gather of the group tokens, its shard of the final TP cross-attention),
+    the plan from ``parallel_state``. The same seed gives the same parameters on both paths (copied
+    over anyway by the caller)."""
     import torch
 
     from megatron_dchag.config import ParallelConfig
@@ -1100,8 +1116,8 @@ def _build_stage(args, model, device):
     from megatron_dchag.models.encoder import make_transformer_config
 
     torch.manual_seed(args.seed)  # megatron's layers draw their initial weights from the global generator
-    config = make_transformer_config(model, ParallelConfig(tensor_model_parallel_size=1))
-    return ChannelAggregationStage(model, config, make_channel_plan(model, 1, 0), args.seed).to(device)
+    config = make_transformer_config(model, ParallelConfig(tensor_model_parallel_size=tp))
+    return ChannelAggregationStage(model, config, make_channel_plan(model), args.seed).to(device)
 
 
 def _stage_loss(stage, images, index):
@@ -1132,31 +1148,45 @@ def _max_rel_diff(a, b) -> float:
     return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
-def channel_stage_case(args, channels: int, tree: List[int], fraction: float, device) -> Dict[str, Any]:
-    """One case: fused and reference stages with identical parameters on the same input."""
+def _tp_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _stage_case_on_rank(args, channels: int, tree: List[int], fraction: float, device, tp: int) -> Dict[str, Any]:
+    """This rank's part of one case: fused and reference stages (its share at TP ``tp``) with
+    identical parameters on the same input; peaks and step times of this rank."""
     import torch
+    import torch.distributed as dist
 
     h, w = args.image_size
     n_patches = (h // args.patch_size) * (w // args.patch_size)
-    rec: Dict[str, Any] = {"channels": channels, "tree": list(tree), "channel_groups": args.channel_groups or 1,
-                           "visible_fraction": fraction, "patch_positions": n_patches, "visible_patches": None,
-                           "status": "ok", "reason": None}
+    rec: Dict[str, Any] = {"channels": channels, "tree": list(tree), "tp": tp,
+                           "channel_groups": args.channel_groups or tp, "visible_fraction": fraction,
+                           "patch_positions": n_patches, "visible_patches": None, "status": "ok", "reason": None}
     try:
-        models = {impl: _stage_model_config(args, channels, tree, impl) for impl in STAGE_PATHS}
+        models = {impl: _stage_model_config(args, channels, tree, impl, tp) for impl in STAGE_PATHS}
     except ValueError as exc:  # ConfigError included: e.g. a tree chunk larger than a group
         rec.update(status="skipped", reason=str(exc))
         return rec
     if not 0 < fraction <= 1:
         rec.update(status="skipped", reason=f"visible fraction {fraction} is not in (0, 1]")
         return rec
-    stages = {impl: _build_stage(args, models[impl], device) for impl in STAGE_PATHS}
+    stages = {impl: _build_stage(args, models[impl], device, tp) for impl in STAGE_PATHS}
     assert stages["fused"].fused and not stages["reference"].fused
     with torch.no_grad():
         ref_params = dict(stages["reference"].named_parameters())
         for name, p in stages["fused"].named_parameters():
             ref_params[name].copy_(p)
+    # every rank draws the same all-channel batch and patch index, then keeps only its own channels
     gen = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.micro_batch_size, channels, h, w, generator=gen).to(device)
+    images = torch.randn(args.micro_batch_size, channels, h, w, generator=gen)
+    lo, hi = stages["reference"].input_channel_range
+    rec["input_channels"] = [lo, hi]
+    if (lo, hi) != (0, channels):
+        images = images[:, lo:hi].clone()  # not a view: only this rank's share is held (and tracked)
+    images = images.to(device)
     index = None
     if fraction < 1:
         keep = max(1, round(n_patches * fraction))
@@ -1181,18 +1211,17 @@ def channel_stage_case(args, channels: int, tree: List[int], fraction: float, de
     else:
         rec["grad_max_rel_diff"] = max(_max_rel_diff(grads["fused"][n], g) for n, g in grads["reference"].items())
     del outs, grads
-    rec["outputs_match"] = bool(max(rec["output_max_rel_diff"], rec["grad_max_rel_diff"]) <= CHANNEL_STAGE_MATCH_REL)
-    if not rec["outputs_match"]:
-        rec.update(status="mismatch", reason=f"fused differs from reference by more than {CHANNEL_STAGE_MATCH_REL:g} "
-                                             "of the largest magnitude (output or a gradient)")
     # 2. peak memory of one forward + backward
     for impl, stage in stages.items():
         rec[impl] = _stage_peak(stage, images, index)
-    # 3. time: warm-up, then the two paths interleaved (alternating which goes first)
+    # 3. time: warm-up, then the two paths interleaved (alternating which goes first); at TP > 1 the
+    # ranks start each step together (barrier) and the step's time is the slowest rank's (merge)
+    barrier = dist.barrier if tp > 1 else (lambda: None)
 
     def step(stage) -> float:
         stage.zero_grad(set_to_none=True)
         _sync(device)
+        barrier()
         t0 = time.perf_counter()
         _stage_loss(stage, images, index)[1].backward()
         _sync(device)
@@ -1206,66 +1235,185 @@ def channel_stage_case(args, channels: int, tree: List[int], fraction: float, de
         for impl in (STAGE_PATHS if i % 2 == 0 else STAGE_PATHS[::-1]):
             times[impl].append(step(stages[impl]))
     for impl in STAGE_PATHS:
-        rec[impl].update(step_times_s=times[impl], step_time_s=statistics.median(times[impl]))
+        rec[impl]["step_times_s"] = times[impl]
+    return rec
+
+
+def merge_stage_records(per_rank: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One case from every TP rank's part: per path the peak is the max over ranks (breakdown of
+    that rank), each step's time the slowest rank's, the time the median of those; the max rel
+    diffs are the max over ranks. Sets the match status, the peak ratio and the speed-up."""
+    failed = [r for r in per_rank if r.get("status") not in ("ok", "mismatch")]
+    if failed:
+        return dict(failed[0])
+    rec = dict(per_rank[0])
+    if "input_channels" in rec:
+        rec["input_channels_per_rank"] = [r["input_channels"] for r in per_rank]
+        rec.pop("input_channels")
+    for impl in STAGE_PATHS:
+        peaks = [r[impl]["peak_mem_bytes"] for r in per_rank]
+        top = max(range(len(per_rank)), key=lambda k: peaks[k])
+        path = dict(per_rank[top][impl])
+        times = [max(steps) for steps in zip(*(r[impl]["step_times_s"] for r in per_rank))]
+        path.update(peak_mem_bytes_per_rank=peaks, peak_rank=top, step_times_s=times,
+                    step_time_s=statistics.median(times) if times else None)
+        rec[impl] = path
+    rec["output_max_rel_diff"] = max(r["output_max_rel_diff"] for r in per_rank)
+    rec["grad_max_rel_diff"] = max(r["grad_max_rel_diff"] for r in per_rank)
+    rec["outputs_match"] = bool(max(rec["output_max_rel_diff"], rec["grad_max_rel_diff"]) <= CHANNEL_STAGE_MATCH_REL)
+    if rec["outputs_match"]:
+        rec.update(status="ok", reason=None)
+    else:
+        rec.update(status="mismatch", reason=f"fused differs from reference by more than {CHANNEL_STAGE_MATCH_REL:g} "
+                                             "of the largest magnitude (output or a gradient)")
     f, r = rec["fused"], rec["reference"]
     rec["peak_ratio"] = f["peak_mem_bytes"] / r["peak_mem_bytes"] if r["peak_mem_bytes"] else None
     rec["speedup"] = r["step_time_s"] / f["step_time_s"] if f["step_time_s"] else None
     return rec
 
 
-def channel_stage_bench(args, command: str) -> Dict[str, Any]:
-    """The ``dchag`` channel stage (``ChannelAggregationStage`` at TP=1: tokenizer, channel
-    embedding, linear partial-aggregation tree, final cross-attention) alone, fused against the
-    reference path (``model.channel_stage_impl`` fused | reference), one process. Per case
-    (channels x tree x visible fraction): both stages get identical parameters and the same input;
-    loss = mean square of the stage output. First one forward + backward of each is compared
-    (output and every parameter gradient, relative to the largest magnitude; a fused path off by
-    more than :data:`CHANNEL_STAGE_MATCH_REL` is reported as a mismatch, and the run fails), then
-    one forward + backward of each under MemTracker gives its peak, then ``--warmup`` untimed and
-    ``--steps`` timed steps of the two paths interleaved; times are medians."""
-    import torch
+def channel_stage_case(args, channels: int, tree: List[int], fraction: float, device, tp: int = 1) -> Dict[str, Any]:
+    """One case on every rank of the TP job (this process alone at TP=1): the merged record."""
+    import torch.distributed as dist
 
-    from megatron_dchag.device import compute_device
+    try:
+        local = _stage_case_on_rank(args, channels, tree, fraction, device, tp)
+    except Exception as exc:  # noqa: BLE001 - reported per case (and still gathered at TP > 1)
+        local = {"channels": channels, "tree": list(tree), "tp": tp, "visible_fraction": fraction,
+                 "status": "failed", "reason": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)}
+    if local["status"] == "skipped":  # decided from the configuration alone: the same on every rank
+        return local
+    per_rank: List[Any] = [local]
+    if tp > 1:
+        per_rank = [None] * _tp_world()
+        dist.all_gather_object(per_rank, local)
+    return merge_stage_records(per_rank)
 
-    torch.set_num_threads(args.threads or 1)
-    started = time.time()
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    machine = machine_info(use_cuda)
+
+def _channel_stage_records(args, tp: int, device, log: bool) -> List[Dict[str, Any]]:
     records = []
-    with _single_rank_job(args.seed):
-        device = compute_device()
-        for channels in args.channels:
-            for tree in args.trees:
-                for fraction in args.visible_fractions:
-                    try:
-                        rec = channel_stage_case(args, channels, tree, fraction, device)
-                    except Exception as exc:  # noqa: BLE001 - reported per case
-                        rec = {"channels": channels, "tree": list(tree), "visible_fraction": fraction,
-                               "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
-                               "traceback": traceback.format_exc(limit=6)}
-                    gc.collect()
-                    records.append(rec)
-                    print(f"[channel-stage] C={channels} tree={_tree_str(tree)} visible={fraction:g}: "
+    for channels in args.channels:
+        for tree in args.trees:
+            for fraction in args.visible_fractions:
+                rec = channel_stage_case(args, channels, tree, fraction, device, tp)
+                gc.collect()
+                records.append(rec)
+                if log:
+                    print(f"[channel-stage] TP={tp} C={channels} tree={_tree_str(tree)} visible={fraction:g}: "
                           + (f"fused {_mib(rec['fused']['peak_mem_bytes'])} MiB / {rec['fused']['step_time_s']:.3f} s, "
                              f"reference {_mib(rec['reference']['peak_mem_bytes'])} MiB / "
                              f"{rec['reference']['step_time_s']:.3f} s, max rel diff "
                              f"{max(rec['output_max_rel_diff'], rec['grad_max_rel_diff']):.1e} ({rec['status']})"
                              if "fused" in rec else f"{rec['status']}: {rec['reason']}"), flush=True)
+    return records
+
+
+def channel_stage_worker(rank: int, tp: int, port: int, args_dict: Dict[str, Any], result_path: str) -> None:
+    """One TP rank of ``--channel-stage-bench --tp T``: every case, rank 0 writes the records."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(tp), LOCAL_WORLD_SIZE=str(tp))
+    import io
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    args = argparse.Namespace(**args_dict)
+    torch.set_num_threads(args.threads)
+    from megatron_dchag.device import compute_device
+    from megatron_dchag.distributed import destroy_distributed, initialize_distributed
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        initialize_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, seed=args.seed)
+    try:
+        records = _channel_stage_records(args, tp, compute_device(), log=rank == 0)
+        if rank == 0:
+            _atomic_write(result_path, json.dumps(records))
+    finally:
+        destroy_distributed()
+
+
+def _channel_stage_tp_records(args, tp: int, threads: int, use_cuda: bool) -> List[Dict[str, Any]]:
+    """Spawn the ``tp`` ranks (the training-step mode's launcher) and return rank 0's records."""
+    import torch.multiprocessing as mp
+
+    def every_case(status: str, reason: str) -> List[Dict[str, Any]]:
+        return [{"channels": c, "tree": list(t), "tp": tp, "visible_fraction": f, "status": status, "reason": reason}
+                for c in args.channels for t in args.trees for f in args.visible_fractions]
+
+    if use_cuda and tp > _gpu_count():
+        return every_case("skipped", f"TP={tp} needs {tp} GPUs, {_gpu_count()} present")
+    args_dict = dict(vars(args), threads=threads)
+    with tempfile.TemporaryDirectory(prefix="dchag_stage_bench_") as tmp:
+        result_path = os.path.join(tmp, "records.json")
+        saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")}
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if not use_cuda:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # --device cpu on a machine with GPUs
+        try:
+            mp.start_processes(channel_stage_worker, args=(tp, _free_port(), args_dict, result_path),
+                               nprocs=tp, join=True, start_method=_start_method())
+            with open(result_path) as fh:
+                return json.load(fh)
+        except Exception as exc:  # noqa: BLE001 - a crashed rank fails the run's cases, reported
+            msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            return every_case("failed", f"TP={tp} processes failed: {msg}")
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def channel_stage_bench(args, command: str) -> Dict[str, Any]:
+    """The ``dchag`` channel stage (``ChannelAggregationStage``: tokenizer, channel embedding,
+    linear partial-aggregation tree, all-gather of the group tokens at TP > 1, final TP
+    cross-attention) alone, fused against the reference path (``model.channel_stage_impl`` fused |
+    reference): one process at TP=1, else ``--tp T`` ranks (gloo on CPU), each building its share
+    of the stage as the encoder does (G defaults to T). Per case (channels x tree x visible
+    fraction): both stages get identical parameters and the same input (each rank its own
+    channels); loss = mean square of the stage output. First one forward + backward of each is
+    compared (output and every parameter gradient, relative to the largest magnitude, max over
+    ranks; a fused path off by more than :data:`CHANNEL_STAGE_MATCH_REL` is reported as a mismatch,
+    and the run fails), then one forward + backward of each under MemTracker gives its peak (per
+    rank; the max over ranks is reported), then ``--warmup`` untimed and ``--steps`` timed steps of
+    the two paths interleaved; times are medians (of the slowest rank's time per step)."""
+    import torch
+
+    tps = args.tp or [1]
+    if len(tps) != 1 or tps[0] < 1:
+        raise SystemExit(f"--channel-stage-bench takes one TP size >= 1, got --tp {' '.join(map(str, tps))}")
+    tp = tps[0]
+    started = time.time()
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    machine = machine_info(use_cuda)
+    if tp == 1:
+        threads = args.threads or 1
+        torch.set_num_threads(threads)
+        from megatron_dchag.device import compute_device
+
+        with _single_rank_job(args.seed):
+            records = _channel_stage_records(args, 1, compute_device(), log=True)
+    else:
+        threads = args.threads or max(1, (os.cpu_count() or 1) // tp)
+        records = _channel_stage_tp_records(args, tp, threads, use_cuda)
     try:
         machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
+    per_rank = "per rank, the max over the TP ranks; " if tp > 1 else ""
     return {
         "schema_version": SCHEMA_VERSION, "kind": "channel_stage_bench", "created": _now(), "command": command,
         "title": args.title, "wall_time_s": round(time.time() - started, 1), "machine": machine,
-        "memory_method": "torch.distributed._tools.mem_tracker.MemTracker over one forward + backward "
+        "memory_method": f"{per_rank}torch.distributed._tools.mem_tracker.MemTracker over one forward + backward "
                          "(parameters and images existing before it, no gradients)",
         "config": {
-            "strategy": "dchag", "aggregation_layer": "linear", "tp": 1, "image_size": list(args.image_size),
+            "strategy": "dchag", "aggregation_layer": "linear", "tp": tp, "image_size": list(args.image_size),
             "patch_size": args.patch_size, "hidden_size": args.hidden_size, "num_heads": args.num_heads,
-            "micro_batch_size": args.micro_batch_size, "channel_groups": args.channel_groups or 1,
+            "micro_batch_size": args.micro_batch_size, "channel_groups": args.channel_groups or tp,
             "dtype": "float32", "loss": "mean square of the stage output", "steps": args.steps,
-            "warmup": args.warmup, "threads": torch.get_num_threads(), "seed": args.seed,
+            "warmup": args.warmup, "threads": threads, "seed": args.seed,
             "match_rel_tol": CHANNEL_STAGE_MATCH_REL,
         },
         "records": records,
@@ -1278,6 +1426,8 @@ def channel_stage_markdown(doc: Dict[str, Any]) -> str:
     load = ""
     if start:
         load = f", load average {start[0]:.2f} at the start" + (f" and {end[0]:.2f} at the end" if end else "")
+    # TP > 1: each rank its share of the stage (its groups, the all-gather, its final cross-attention shard)
+    slowest = " (each step's time: the slowest rank's, the ranks starting it together)" if cfg["tp"] > 1 else ""
     lines = [
         f"# {doc.get('title') or 'Fused channel stage vs reference (channel stage alone)'}",
         "",
@@ -1285,9 +1435,10 @@ def channel_stage_markdown(doc: Dict[str, Any]) -> str:
         f"G = {cfg['channel_groups']}: image {cfg['image_size'][0]}x{cfg['image_size'][1]}, patch "
         f"{cfg['patch_size']}, D={cfg['hidden_size']}, batch {cfg['micro_batch_size']}, {cfg['dtype']}; loss = "
         f"{cfg['loss']}. Peak: {doc['memory_method']}. Time: median of {cfg['steps']} forward + backward steps "
-        f"per path, fused and reference interleaved, after {cfg['warmup']} warm-up step(s); {cfg['threads']} "
-        f"thread(s). Max rel diff: max |fused - reference| / max |reference| of the output / of every parameter "
-        f"gradient (a case above {cfg['match_rel_tol']:g} is a mismatch and reports no speed-up).",
+        f"per path{slowest}, fused and reference interleaved, after {cfg['warmup']} warm-up step(s); "
+        f"{cfg['threads']} thread(s){' per rank' if cfg['tp'] > 1 else ''}. Max rel diff: max |fused - reference| / "
+        f"max |reference| of the output / of every parameter gradient{' (max over ranks)' if cfg['tp'] > 1 else ''} (a case above {cfg['match_rel_tol']:g} is a "
+        "mismatch and reports no speed-up).",
         f"Machine: {machine.get('cpu_model', machine.get('processor'))}, {machine['cpu_count']} cores{load}.",
         "",
         f"Command: `{doc['command']}`",

@@ -17,16 +17,10 @@ entry point's (README.md); the task is :mod:`megatron_dchag.tasks.segmentation`.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
-
-import torch
-import torch.distributed as dist
-
-from megatron.core.transformer.module import MegatronModule
+from typing import Any, List, Optional, Sequence, Tuple
 
 from megatron_dchag.config import ExperimentConfig, build_dataclass, config_to_dict, resolve_config
-from megatron_dchag.tasks.segmentation import HyperspectralSegmentationTask
-from megatron_dchag.training.entry_point import run_entry_point
+from megatron_dchag.training.entry_point import TaskRef, run_entry_point
 
 PRETRAINED_FLAG = "--pretrained"
 # The encoder's architecture: a checkpoint must agree on every one to be loaded.
@@ -35,13 +29,17 @@ ENCODER_FIELDS = ("num_channels", "channel_groups", "hidden_size", "num_layers",
                   "ffn_hidden_size", "channel_embedding", "lead_time_embedding")
 
 
-class _EncoderOnly(MegatronModule):
+def _encoder_only(encoder: Any) -> Any:
     """A model whose only part is ``encoder`` (the same module): its sharded state dict holds the
     ``encoder.*`` tensors alone, under the keys every model with an encoder saves them."""
+    from megatron.core.transformer.module import MegatronModule
 
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__(config=encoder.config)
-        self.encoder = encoder
+    class EncoderOnly(MegatronModule):
+        def __init__(self, encoder: Any):
+            super().__init__(config=encoder.config)
+            self.encoder = encoder
+
+    return EncoderOnly(encoder)
 
 
 def encoder_differences(saved: dict, cfg: ExperimentConfig) -> List[str]:
@@ -60,10 +58,12 @@ class PretrainedEncoderLoader:
     def __init__(self, checkpoint: str, saved_grid: Tuple[int, int], current_grid: Tuple[int, int]):
         self.checkpoint, self.saved_grid, self.current_grid = checkpoint, saved_grid, current_grid
 
-    def __call__(self, model: torch.nn.Module) -> None:
+    def __call__(self, model: Any) -> None:
+        import torch.distributed as dist
+
         from megatron_dchag.training.checkpointing import load_checkpoint
 
-        load_checkpoint(self.checkpoint, [_EncoderOnly(model.encoder)], load_rng=False,
+        load_checkpoint(self.checkpoint, [_encoder_only(model.encoder)], load_rng=False,
                         saved_grid=self.saved_grid, current_grid=self.current_grid)
         if not dist.is_initialized() or dist.get_rank() == 0:
             resized = "" if self.saved_grid == self.current_grid else (
@@ -94,33 +94,54 @@ def normalization_warning(pretrained_stats: Optional[str], stats_file: Optional[
             f"('{pretrained_stats}'); fine-tune with those so the encoder sees inputs on the scale it learned")
 
 
-class FinetuneSegmentationTask(HyperspectralSegmentationTask):
-    """The segmentation task with ``segmentation.pretrained`` checked before any compute and its
-    encoder loaded into every model chunk."""
+def _build_finetune_task_class() -> type:
+    from megatron_dchag.tasks.segmentation import HyperspectralSegmentationTask
 
-    def prepare(self) -> None:
-        from megatron_dchag.training.checkpointing import CheckpointError, read_checkpoint_config, resolve_checkpoint_dir
+    class FinetuneSegmentationTask(HyperspectralSegmentationTask):
+        """The segmentation task with ``segmentation.pretrained`` checked before any compute and its
+        encoder loaded into every model chunk."""
 
-        super().prepare()
-        seg, tr, m = self.cfg.segmentation, self.cfg.training, self.cfg.model
-        if not seg.pretrained or tr.load:
-            return
-        checkpoint = resolve_checkpoint_dir(seg.pretrained)  # CheckpointError naming the directory
-        saved = read_checkpoint_config(checkpoint)
-        if saved is None:
-            raise CheckpointError(f"segmentation.pretrained: checkpoint '{checkpoint}' has no config.yaml, so its "
-                                  "architecture cannot be checked")
-        diffs = encoder_differences(saved, self.cfg)
-        if diffs:
-            raise CheckpointError(f"segmentation.pretrained: checkpoint '{checkpoint}' holds another encoder: "
-                                  + "; ".join(diffs))
-        sm = saved.get("model") or {}
-        saved_grid = tuple(s // sm["patch_size"] for s in sm.get("image_size") or m.image_size)
-        current_grid = tuple(s // m.patch_size for s in m.image_size)
-        self.encoder_loader = PretrainedEncoderLoader(checkpoint, saved_grid, current_grid)
-        warning = normalization_warning((saved.get("data") or {}).get("stats_file"), self.cfg.data.stats_file)
-        if warning:
-            self._warnings.append(warning)
+        def prepare(self) -> None:
+            from megatron_dchag.training.checkpointing import CheckpointError, read_checkpoint_config, resolve_checkpoint_dir
+
+            super().prepare()
+            seg, tr, m = self.cfg.segmentation, self.cfg.training, self.cfg.model
+            if not seg.pretrained or tr.load:
+                return
+            checkpoint = resolve_checkpoint_dir(seg.pretrained)  # CheckpointError naming the directory
+            saved = read_checkpoint_config(checkpoint)
+            if saved is None:
+                raise CheckpointError(f"segmentation.pretrained: checkpoint '{checkpoint}' has no config.yaml, so its "
+                                      "architecture cannot be checked")
+            diffs = encoder_differences(saved, self.cfg)
+            if diffs:
+                raise CheckpointError(f"segmentation.pretrained: checkpoint '{checkpoint}' holds another encoder: "
+                                      + "; ".join(diffs))
+            sm = saved.get("model") or {}
+            saved_grid = tuple(s // sm["patch_size"] for s in sm.get("image_size") or m.image_size)
+            current_grid = tuple(s // m.patch_size for s in m.image_size)
+            self.encoder_loader = PretrainedEncoderLoader(checkpoint, saved_grid, current_grid)
+            warning = normalization_warning((saved.get("data") or {}).get("stats_file"), self.cfg.data.stats_file)
+            if warning:
+                self._warnings.append(warning)
+
+    return FinetuneSegmentationTask
+
+
+_LAZY_CLASSES = {"FinetuneSegmentationTask": _build_finetune_task_class}
+
+
+def __getattr__(name: str) -> Any:
+    """``FinetuneSegmentationTask`` is defined on first use (it subclasses the torch-based
+    segmentation task), so ``--help`` and config errors answer before torch is imported."""
+    if name in _LAZY_CLASSES:
+        cls = _LAZY_CLASSES[name]()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+TASK = TaskRef(__name__, "FinetuneSegmentationTask", config_sections=("segmentation",))
 
 
 def pretrained_as_override(argv: Sequence[str]) -> List[str]:
@@ -157,6 +178,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = pretrained_as_override(raw)
     except ValueError as exc:  # ConfigError
         return report_user_error(exc)
-    return run_entry_point(args, FinetuneSegmentationTask,
+    return run_entry_point(args, TASK,
                            "D-CHAG segmentation fine-tuning on labelled hyperspectral cubes "
                            f"({PRETRAINED_FLAG} RUN: start the encoder from an MAE run)")

@@ -175,3 +175,37 @@ def test_channel_stage_bench(tmp_path):
                timeout=SHORT_TIMEOUT_S)
     assert res.returncode == 0, res.stderr[-3000:]
     assert again.read_text() == md
+
+
+def test_channel_stage_bench_tp2(tmp_path):
+    """--channel-stage-bench --tp 2: two gloo ranks, each with its share of the stage (its channels
+    and group, the all-gather, its shard of the final cross-attention); G defaults to the TP size,
+    peaks are per rank (max over ranks), step times the slowest rank's, fused = reference."""
+    paths = {k: tmp_path / f"stage_tp2.{k}" for k in ("json", "md")}
+    res = _run(["tools/benchmark.py", "--channel-stage-bench", "--tp", "2", "--channels", "16", "--trees", "[]",
+                "--visible-fractions", "1.0", "0.5", "--image-size", "16", "16", "--patch-size", "4",
+                "--hidden-size", "32", "--num-heads", "2", "--steps", "2", "--warmup", "0", "--threads", "1",
+                "--json", str(paths["json"]), "--markdown", str(paths["md"])], timeout=RUN_TIMEOUT_S)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(paths["json"].read_text())
+    assert doc["kind"] == "channel_stage_bench" and doc["config"]["tp"] == 2
+    assert doc["config"]["channel_groups"] == 2 and doc["config"]["threads"] == 1
+    assert doc["command"].startswith("python tools/benchmark.py --channel-stage-bench --tp 2")
+    records = doc["records"]
+    assert [(r["tree"], r["visible_fraction"]) for r in records] == [([], 1.0), ([], 0.5)]
+    for r in records:
+        assert r["status"] == "ok" and r["outputs_match"] is True, r
+        assert r["tp"] == 2 and r["input_channels_per_rank"] == [[0, 8], [8, 16]]
+        assert r["output_max_rel_diff"] < 1e-4 and r["grad_max_rel_diff"] < 1e-4
+        assert r["output_shape"] == [r["visible_patches"], 2, 32]
+        for path in ("fused", "reference"):
+            p = r[path]
+            assert len(p["peak_mem_bytes_per_rank"]) == 2 and p["peak_mem_bytes"] == max(p["peak_mem_bytes_per_rank"])
+            assert len(p["step_times_s"]) == 2 and p["step_time_s"] == pytest.approx(sum(p["step_times_s"]) / 2)
+        assert r["peak_ratio"] == pytest.approx(r["fused"]["peak_mem_bytes"] / r["reference"]["peak_mem_bytes"])
+        assert r["speedup"] == pytest.approx(r["reference"]["step_time_s"] / r["fused"]["step_time_s"])
+    # no [C/T, L, B, D] tokens nor their gradient on a rank's fused path
+    assert records[0]["fused"]["peak_mem_bytes"] < records[0]["reference"]["peak_mem_bytes"]
+    md = paths["md"].read_text()
+    assert "TP=2" in md and "max over the TP ranks" in md
+    assert len([line for line in md.splitlines() if line.startswith("| 16 |")]) == 2

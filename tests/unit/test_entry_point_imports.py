@@ -10,7 +10,8 @@ import pytest
 from tests.integration.conftest import REPO
 from tests.limits import SHORT_TIMEOUT_S
 
-ENTRY_MODULES = ("megatron_dchag.cli.pretrain_hyperspectral", "megatron_dchag.cli.pretrain_era5")
+ENTRY_MODULES = ("megatron_dchag.cli.pretrain_hyperspectral", "megatron_dchag.cli.pretrain_era5",
+                 "megatron_dchag.cli.finetune_hyperspectral")
 
 _PROBE = """
 import contextlib, io, json, sys
