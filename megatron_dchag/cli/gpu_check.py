@@ -314,8 +314,10 @@ def _check_peak(result: Dict[str, Any], device) -> None:
 
 def bf16_training(workload: str, ws: Workspace, steps: int, device, extra: Sequence[str] = ()) -> Dict[str, Any]:
     log_dir = ws.root / f"run_{workload}_{'_'.join(extra) or 'local'}".replace("=", "-").replace(".", "-")
+    # Warm-up over the first tenth of the run (the tiny configs' 20 steps would be most of a
+    # 30-step self-test, leaving the loss no room to fall).
     common = ["--tensor-model-parallel-size", 1, "--train-iters", steps, "--log-interval", max(1, steps // 10),
-              "--eval-iters", 0, "--bf16", *extra]
+              "--eval-iters", 0, "--bf16", f"training.lr_warmup_iters={max(1, steps // 10)}", *extra]
     if workload == "hyperspectral":
         d = ws.cubes()
         records = _train("pretrain_hyperspectral.py", ["--config", "configs/hyperspectral/tiny.yaml", "--data-path",

@@ -29,7 +29,7 @@ def test_refuses_without_a_gpu_in_one_line(tmp_path):
 
 def test_cpu_self_test_runs_every_check(tmp_path):
     report, json_dir = tmp_path / "gpu.md", tmp_path / "bench"
-    res = subprocess.run([sys.executable, "tools/gpu_check.py", "--allow-cpu", "--quick", "--steps", "30",
+    res = subprocess.run([sys.executable, "tools/gpu_check.py", "--allow-cpu", "--quick", "--steps", "60",
                           "--report", str(report), "--json-dir", str(json_dir)],
                          cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
