@@ -21,10 +21,11 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 
 def forecast(args) -> dict:
+    import torch
+
     from megatron_dchag.data.era5.dataset import ERA5Dataset
     from megatron_dchag.data.era5.naming import parse_channels
     from megatron_dchag.distributed import destroy_distributed, initialize_distributed

@@ -18,7 +18,6 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 
 def _false_colour(cube: np.ndarray, wavelengths: Optional[np.ndarray], bands=(650.0, 550.0, 450.0)) -> np.ndarray:
@@ -34,6 +33,8 @@ def _false_colour(cube: np.ndarray, wavelengths: Optional[np.ndarray], bands=(65
 
 
 def reconstruct(args) -> dict:
+    import torch
+
     from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset
     from megatron_dchag.data.hyperspectral.statistics import load_channel_stats
     from megatron_dchag.distributed import destroy_distributed, initialize_distributed
