@@ -227,15 +227,12 @@ def forecast(args) -> Optional[Dict[str, Any]]:
     from megatron_dchag.models.rollout import Rollout, RolloutError, plan_leads, rollout_blockers
     from megatron_dchag.tasks.forecasting import ERA5ForecastTask
     from megatron_dchag.training.builder import build_single_model
-    from megatron_dchag.training.checkpoint_conversion import config_for_layout
+    from megatron_dchag.training.checkpoint_conversion import config_for_layout, saved_checkpoint_config
     from megatron_dchag.training.checkpointing import (
-        CheckpointError, load_checkpoint, read_checkpoint_config, resolve_checkpoint_dir)
+        load_checkpoint)
 
     request = parse_request(args)
-    ckpt = resolve_checkpoint_dir(args.load)
-    saved = read_checkpoint_config(ckpt)
-    if saved is None:
-        raise CheckpointError(f"'{ckpt}' has no config.yaml: not a megatron_dchag checkpoint")
+    ckpt, saved = saved_checkpoint_config(args.load)
     tp = args.tensor_model_parallel_size
     world = resolve_launch_env().world_size
     if tp < 1 or world % tp:

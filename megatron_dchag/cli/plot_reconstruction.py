@@ -41,14 +41,11 @@ def reconstruct(args) -> dict:
     from megatron_dchag.models.mae import random_patch_mask
     from megatron_dchag.tasks.mae_pretraining import HyperspectralMAETask, mask_generator
     from megatron_dchag.training.builder import build_single_model
-    from megatron_dchag.training.checkpoint_conversion import config_for_layout
+    from megatron_dchag.training.checkpoint_conversion import config_for_layout, saved_checkpoint_config
     from megatron_dchag.training.checkpointing import (
-        CheckpointError, load_checkpoint, read_checkpoint_config, resolve_checkpoint_dir)
+        load_checkpoint)
 
-    ckpt = resolve_checkpoint_dir(args.load)
-    saved = read_checkpoint_config(ckpt)
-    if saved is None:
-        raise CheckpointError(f"'{ckpt}' has no config.yaml: not a megatron_dchag checkpoint")
+    ckpt, saved = saved_checkpoint_config(args.load)
     cfg = config_for_layout(saved, 1, 1, task="hyperspectral_mae")  # TP = PP = 1, the saved channel groups kept
     cfg.training.bf16 = False
     data_path = args.data_path or cfg.data.data_path

@@ -54,14 +54,21 @@ EXPORT_VERSION = "1"
 # ----------------------------------------------------------------------------------------------
 
 
-def checkpoint_description(load: str) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
-    """(checkpoint dir, saved config dict, training state dict) without building anything."""
-    from megatron.core import dist_checkpointing
-
+def saved_checkpoint_config(load: str) -> Tuple[str, Dict[str, Any]]:
+    """(checkpoint dir, saved config dict) of ``load`` (a save directory or an ``iter_*`` one);
+    CheckpointError when it holds no config.yaml."""
     ckpt = resolve_checkpoint_dir(load)
     config = read_checkpoint_config(ckpt)
     if config is None:
         raise CheckpointError(f"'{ckpt}' has no config.yaml: not a megatron_dchag checkpoint")
+    return ckpt, config
+
+
+def checkpoint_description(load: str) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """(checkpoint dir, saved config dict, training state dict) without building anything."""
+    from megatron.core import dist_checkpointing
+
+    ckpt, config = saved_checkpoint_config(load)
     common = dist_checkpointing.load_common_state_dict(ckpt)
     return ckpt, config, dict(common.get("training_state") or {})
 
