@@ -62,7 +62,8 @@ setup(
     extras_require={
         # ruff is pinned: `make test` lints, and a new ruff release must not turn CI red by itself.
         # xskillscore: an independent check of the forecast scores (tests/integration/test_forecast_files.py).
-        "test": ["pytest>=7.4", "ruff==0.17.6", "xskillscore>=0.0.29"],
+        # pytest-xdist: `make test` runs the suite on every core (most of it is single-process runs).
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "ruff==0.17.6", "xskillscore>=0.0.29"],
         # Optional accelerators: only imported when present; they do not install on CPU.
         "te": ["transformer-engine[pytorch]"],
     },

@@ -35,7 +35,9 @@ def trained(hyperspectral_data, tmp_path_factory):
                      nproc=2)
     assert res.returncode == 0, res.stderr[-3000:]
     eval_loss = [r for r in read_metrics(run) if r["kind"] == "eval"][-1]["loss"]
-    return dict(root=root, run=run, eval_loss=eval_loss)
+    export = root / "run.safetensors"  # the weights every conversion below must keep, bit for bit
+    _convert("--load", run, "--export", export)
+    return dict(root=root, run=run, eval_loss=eval_loss, export=export)
 
 
 def _same_tensors(a, b):
@@ -49,11 +51,9 @@ def test_reshard_tp2_tp1_tp4_is_exact(hyperspectral_data, trained):
     root = trained["root"]
     _convert("--load", trained["run"], "--save", root / "tp1", "--target-tensor-model-parallel-size", 1)
     _convert("--load", root / "tp1", "--save", root / "tp4", "--target-tensor-model-parallel-size", 4)
-    for name in ("run", "tp1", "tp4"):
-        src = trained["run"] if name == "run" else root / name
-        _convert("--load", src, "--export", root / f"{name}.safetensors")
-    _same_tensors(root / "run.safetensors", root / "tp1.safetensors")
-    _same_tensors(root / "run.safetensors", root / "tp4.safetensors")
+    for name in ("tp1", "tp4"):
+        _convert("--load", root / name, "--export", root / f"{name}.safetensors")
+        _same_tensors(trained["export"], root / f"{name}.safetensors")
     for tp, ckpt in ((1, root / "tp1"), (4, root / "tp4")):
         loss = _eval_loss(hyperspectral_data, ckpt, tp, root / f"eval_tp{tp}")
         assert math.isclose(loss, trained["eval_loss"], rel_tol=1e-5), (tp, loss, trained["eval_loss"])
@@ -70,19 +70,16 @@ def test_reshard_pp1_pp2_pp1_is_exact(hyperspectral_data, trained):
     _convert("--load", root / "pp2", "--save", root / "pp2_pp1", "--target-pipeline-model-parallel-size", 1)
     for name in ("pp2", "pp2_pp1"):
         _convert("--load", root / name, "--export", root / f"{name}.safetensors")
-    _convert("--load", trained["run"], "--export", root / "run_pp.safetensors")
-    _same_tensors(root / "run_pp.safetensors", root / "pp2.safetensors")
-    _same_tensors(root / "run_pp.safetensors", root / "pp2_pp1.safetensors")
+        _same_tensors(trained["export"], root / f"{name}.safetensors")
     loss = _eval_loss(hyperspectral_data, root / "pp2", 1, root / "eval_pp2", pp=2)
     assert math.isclose(loss, trained["eval_loss"], rel_tol=1e-5), (loss, trained["eval_loss"])
 
 
 def test_export_import_round_trip(hyperspectral_data, trained):
     root = trained["root"]
-    _convert("--load", trained["run"], "--export", root / "a.safetensors")
-    _convert("--import", root / "a.safetensors", "--save", root / "imported", "--target-tensor-model-parallel-size", 2)
+    _convert("--import", trained["export"], "--save", root / "imported", "--target-tensor-model-parallel-size", 2)
     _convert("--load", root / "imported", "--export", root / "b.safetensors")
-    _same_tensors(root / "a.safetensors", root / "b.safetensors")
+    _same_tensors(trained["export"], root / "b.safetensors")
     loss = _eval_loss(hyperspectral_data, root / "imported", 2, root / "eval_imported")
     assert math.isclose(loss, trained["eval_loss"], rel_tol=1e-5)
     # an imported checkpoint holds weights only: resuming training from it is refused clearly
@@ -107,3 +104,40 @@ def test_bad_conversion_requests(trained, tmp_path):
                                                      "--target-tensor-model-parallel-size", "3"])
     assert res.returncode == 2 and "is not divisible by parallel.tensor_model_parallel_size=3" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _one_rank_conversion_in_this_process():
+    """Run inside a harness rank (an enclosing job's launcher variables): a one-rank conversion
+    step runs in this process, as rank 0 of a world of 1, and leaves the variables as it found them."""
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_dchag.distributed import destroy_distributed
+    from megatron_dchag.training.checkpoint_conversion import run_on_local_ranks
+
+    destroy_distributed()  # the conversion makes its own one-rank job, as in the tool's process
+    os.environ.update(RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", SLURM_PROCID="5")
+    before = dict(os.environ)
+    seen = run_on_local_ranks(1, 1, 1, _rank_view)
+    return seen, os.getpid(), dict(os.environ) == before, dist.is_initialized()
+
+
+def _rank_view():
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    return (dist.get_rank(), dist.get_world_size(), parallel_state.get_tensor_model_parallel_world_size(),
+            os.getpid())
+
+
+def test_a_one_rank_step_runs_in_the_tool_process_and_restores_the_launcher_variables():
+    from tests.dist_utils import run_single
+
+    (rank, world, tp, pid_inside), pid, env_restored, still_initialized = run_single(
+        _one_rank_conversion_in_this_process)
+    assert (rank, world, tp) == (0, 1, 1)
+    assert pid_inside == pid  # no second process (which would import torch and megatron-core again)
+    assert env_restored and not still_initialized
