@@ -29,6 +29,9 @@ STAMP_INSTALL_CHECK := $(VENV_INSTALL_CHECK)/.installed-stamp
 # file stays on one worker, so its shared runs are made once). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 8 ? n : 8 )))
 PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+# The package byte-compiled once for the interpreter about to run a suite: where PYTHONDONTWRITEBYTECODE
+# is set (as in many CI images) each of the suite's several hundred processes would compile it again.
+COMPILE := -m compileall -q -j 0 megatron_dchag tests
 
 # What the second stack runs: what talks to megatron-core or whose float results depend on the torch
 # build (the compatibility layer, the layers' numerics, TP/PP/VPP/DP/SP equivalence, the distributed
@@ -88,10 +91,12 @@ lint: $(STAMP)
 
 test-primary: $(STAMP)
 	@echo "== primary stack: $$($(PY) -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")' 2>/dev/null)"
+	$(PY) $(COMPILE)
 	OMP_NUM_THREADS=$(OMP) $(PY) $(PYTEST) tests
 
 test-second-stack: $(STAMP312)
 	@echo "== second stack: $$($(PY312) -c 'import sys, torch, megatron.core as m; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")' 2>/dev/null)"
+	$(PY312) $(COMPILE)
 	OMP_NUM_THREADS=$(OMP) $(PY312) $(PYTEST) $(SECOND_STACK_TESTS)
 
 install-check-env: $(STAMP_INSTALL_CHECK)
@@ -105,6 +110,7 @@ $(STAMP_INSTALL_CHECK): setup.py
 
 check-install: $(STAMP) $(STAMP_INSTALL_CHECK)
 	$(VENV_INSTALL_CHECK)/bin/python -c "import torch; v = torch.__version__; assert v.startswith('$(INSTALL_CHECK_TORCH)'), f'torch was replaced: {v}'; print('install check: torch is still', v)"
+	$(VENV_INSTALL_CHECK)/bin/python $(COMPILE)
 	OMP_NUM_THREADS=$(OMP) $(VENV_INSTALL_CHECK)/bin/python $(PYTEST) $(INSTALL_CHECK_TESTS)
 	rm -rf $(VENV_INSTALL_CHECK)
 	# the editable install of the check pointed the checkout at that venv's build: restore the primary one

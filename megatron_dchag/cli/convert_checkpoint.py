@@ -69,6 +69,16 @@ def _check_export_target(path: str, overwrite: bool) -> None:
         raise ConfigError(f"--export {path}: cannot be written ('{parent}' is not a writable directory)")
 
 
+def _check_save_target(path: str) -> None:
+    """``--save DIR``: a new directory, or an empty one."""
+    from megatron_dchag.config import ConfigError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--save {path}: is a file, not a directory")
+    if os.path.exists(path) and os.listdir(path):
+        raise ConfigError(f"--save directory '{path}' exists and is not empty")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", help="checkpoint: a --save directory or one iter_* directory")
@@ -89,8 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
     from megatron_dchag.config import ConfigError
-    from megatron_dchag.training import checkpoint_conversion as conv
-    from megatron_dchag.training.checkpointing import CheckpointError, replace_dir_atomically
+    from megatron_dchag.training.checkpoint_paths import CheckpointError
     from megatron_dchag.training.entry_point import report_user_error
 
     try:
@@ -98,15 +107,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sum(modes) != 1:
             raise ConfigError("give exactly one of: --load DIR --inspect | --load DIR --export FILE | "
                               "--import FILE --save DIR | --load DIR --save DIR --target-...")
+        # the output paths first: a wrong one is reported before torch and megatron-core are imported
+        if args.export:
+            if not args.load:
+                raise ConfigError("--export needs --load DIR")
+            _check_export_target(args.export, args.overwrite)
+        if args.save:
+            _check_save_target(args.save)
+        from megatron_dchag.training import checkpoint_conversion as conv
+        from megatron_dchag.training.checkpointing import replace_dir_atomically
+
         if args.inspect:
             if not args.load:
                 raise ConfigError("--inspect needs --load DIR")
             _inspect(args.load)
             return 0
         if args.export:
-            if not args.load:
-                raise ConfigError("--export needs --load DIR")
-            _check_export_target(args.export, args.overwrite)
             conv.checkpoint_description(args.load)  # fail fast, before starting processes
             info = conv.run_on_local_ranks(1, 1, 1, conv.export_rank, args.load, os.path.abspath(args.export))
             print(f"exported {info['tensors']} tensors ({info['parameters']:,} values) to {args.export}")
@@ -132,10 +148,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         target = conv.config_for_layout(saved, tp, pp, conv.SAVED if vpp_arg is None else (vpp_arg or None), task=task)
         vpp = target.parallel.virtual_pipeline_model_parallel_size
         save = os.path.abspath(args.save)
-        if os.path.exists(save) and not os.path.isdir(save):
-            raise ConfigError(f"--save {args.save}: is a file, not a directory")
-        if os.path.exists(save) and os.listdir(save):
-            raise ConfigError(f"--save directory '{args.save}' exists and is not empty")
         parent = os.path.dirname(save) or "."
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(save)}.partial-", dir=parent)

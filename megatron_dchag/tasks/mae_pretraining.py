@@ -20,6 +20,7 @@ largest input values are noted, so that a non-finite step names them
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -116,6 +117,10 @@ class HyperspectralMAETask(Task):
         self.wavelengths: Optional[np.ndarray] = None
         self._warnings: List[str] = []
         self._train_files: List[str] = []  # the train stream's cubes, by dataset index
+        # what prepare() checked: the cubes this run trains and evaluates on, and each cube's (H, W)
+        self._checked_train: List[Path] = []
+        self._checked_val: List[Path] = []
+        self._cube_shapes: Dict[Path, Tuple[int, int]] = {}
         self._input_channel_start = 0
         self._step_inputs: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -139,11 +144,9 @@ class HyperspectralMAETask(Task):
         if not os.path.exists(d.data_path):
             raise ConfigError(f"data.data_path '{d.data_path}' does not exist")
         split = split_collection(d.data_path, d.file_format, self._split_options())
-        used: List[Any] = []
-        if not tr.skip_train:
-            used += split.require("train")
-        if tr.eval_iters > 0:
-            used += split.require("val", fix="or train without evaluation with --eval-iters 0")
+        train = [] if tr.skip_train else split.require("train")
+        val = split.require("val", fix="or train without evaluation with --eval-iters 0") if tr.eval_iters > 0 else []
+        used = train + val
         collection = scan_cubes(split.all, dataset_name=d.dataset_name, layout=d.layout, file_format=d.file_format,
                                 num_channels_expected=m.num_channels, min_spatial_shape=tuple(m.image_size))
         if d.stats_file:
@@ -154,6 +157,8 @@ class HyperspectralMAETask(Task):
                                        "dchag-compute-stats --config <this run's config> (its default split)")
             if warning:
                 self._warnings.append(warning)
+        self._checked_train, self._checked_val = list(train), list(val)
+        self._cube_shapes = dict(zip(split.all, collection.spatial_shapes))  # one reader per file, in order
         self.wavelengths = collection.wavelengths
         if m.wavelengths is None and self.wavelengths is not None:
             # Recorded in the resolved config (and so in every checkpoint): the model can be rebuilt

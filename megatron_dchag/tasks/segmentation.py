@@ -43,9 +43,7 @@ from megatron.core import parallel_state
 
 from megatron_dchag.config import ConfigError, ExperimentConfig
 from megatron_dchag.data.hyperspectral.dataset import HyperspectralDataset
-from megatron_dchag.data.hyperspectral.discovery import scan_cubes
 from megatron_dchag.data.hyperspectral.labels import check_label_map, label_class_names
-from megatron_dchag.data.hyperspectral.splits import split_collection
 from megatron_dchag.data.loader import MicroBatchLoader
 from megatron_dchag.data.sampler import DistributedResumableSampler
 from megatron_dchag.device import batch_to_device
@@ -97,15 +95,10 @@ class HyperspectralSegmentationTask(HyperspectralMAETask):
     # -- set-up ---------------------------------------------------------------------------------
     def prepare(self) -> None:
         super().prepare()  # data path, split, cube contract, statistics, wavelengths
-        d, m, tr, seg = self.cfg.data, self.cfg.model, self.cfg.training, self.cfg.segmentation
-        split = split_collection(d.data_path, d.file_format, self._split_options())
-        train = [] if tr.skip_train else list(split.files("train"))
-        used = train + (list(split.files("val")) if tr.eval_iters > 0 else [])
-        collection = scan_cubes(used, dataset_name=d.dataset_name, layout=d.layout, file_format=d.file_format,
-                                num_channels_expected=m.num_channels, min_spatial_shape=tuple(m.image_size))
-        values_of = {path: check_label_map(path, seg.label_dataset, shape)
-                     for path, shape in zip(collection.files, collection.spatial_shapes)}
-        names = label_class_names(collection.files[0], seg.label_dataset) if collection.files else None
+        seg = self.cfg.segmentation
+        train, used = self._checked_train, self._checked_train + self._checked_val  # as the MAE checks passed them
+        values_of = {path: check_label_map(path, seg.label_dataset, self._cube_shapes[path]) for path in used}
+        names = label_class_names(used[0], seg.label_dataset) if used else None
         if seg.num_classes is None:
             if seg.class_names is not None:
                 seg.num_classes = len(seg.class_names)
