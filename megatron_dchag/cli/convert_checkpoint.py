@@ -10,7 +10,8 @@
     # every tensor's global shape and dtype, and the saved config
     python tools/convert_checkpoint.py --load RUN --inspect
 
-The conversion runs TP x PP gloo processes on this machine (CPU is enough). Errors print one line
+The conversion runs TP x PP gloo ranks on this machine (CPU is enough; a one-rank step runs in this
+process, more ranks are forked from a server that imported torch and megatron-core once). Errors print one line
 and exit with status 2 (``--debug`` shows the traceback); outputs are written atomically. The rank
 work itself lives in :mod:`megatron_dchag.training.checkpoint_conversion`; this module is the command
 line (installed as the console script ``dchag-convert-checkpoint`` with the same flags).
