@@ -20,10 +20,12 @@ and :func:`describe_channel_layout` which channels every TP rank owns (the train
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import random
 import socket
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +38,8 @@ from megatron_dchag.launch_env import (  # noqa: F401  (re-exported: the launch 
     LaunchEnv,
     expand_hostlist,
     find_free_port,
+    local_rank_start_method,
+    overriding_environ,
     resolve_launch_env,
 )
 
@@ -47,8 +51,11 @@ __all__ = [
     "expand_hostlist",
     "find_free_port",
     "initialize_distributed",
+    "local_rank_start_method",
+    "overriding_environ",
     "resolve_launch_env",
     "seed_everything",
+    "single_rank_job",
 ]
 
 
@@ -152,6 +159,23 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_rank_job(seed: int = 1234) -> Iterator[None]:
+    """This process as the one rank of a TP = PP = 1 job on this machine (for tools that need
+    megatron-core's parallel state, e.g. a one-rank conversion step or a benchmark), whatever
+    launcher variables it inherited; quiet (no layout table), torn down and those variables
+    restored on exit."""
+    with overriding_environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()), RANK="0", LOCAL_RANK="0",
+                            WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", SLURM_PROCID=None, SLURM_NTASKS=None,
+                            SLURM_LOCALID=None):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                initialize_distributed(1, 1, seed=seed)
+            yield
+        finally:
+            destroy_distributed()
 
 
 def describe_parallel_layout() -> str:

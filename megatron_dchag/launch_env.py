@@ -12,13 +12,14 @@ Pure Python (no torch, no megatron-core), so launch scripts can use it cheaply:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import socket
 import sys
 from dataclasses import asdict, dataclass
-from typing import List, Mapping, MutableMapping, Optional, Sequence
+from typing import Iterator, List, Mapping, MutableMapping, Optional, Sequence
 
 __all__ = [
     "DEFAULT_MASTER_PORT",
@@ -123,6 +124,39 @@ def expand_hostlist(hostlist: str) -> List[str]:
         for pattern in _split_top_level(hostlist)
         for host in _expand_host_pattern(pattern, hostlist)
     ]
+
+
+@contextlib.contextmanager
+def overriding_environ(**values: Optional[str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` inside the block (``None``: the variable unset), and as it
+    was before afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def local_rank_start_method(preload: Sequence[str]) -> str:
+    """How a tool starts ranks on this machine: ``forkserver`` with ``preload`` (modules importing
+    torch and megatron-core) imported once in the server, so a rank costs a fork rather than an
+    import, and its children start clean (the server initializes no GPU and no process group);
+    ``spawn`` where there is no fork server."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    multiprocessing.set_forkserver_preload(list(preload))
+    return "forkserver"
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:

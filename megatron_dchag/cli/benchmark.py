@@ -90,6 +90,7 @@ import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_dchag.config.sections import CHANNEL_STAGE_IMPLS
+from megatron_dchag.launch_env import find_free_port, local_rank_start_method, overriding_environ
 
 STRATEGY_ORDER = ("tp_baseline", "dist_tokenize", "hierarchical", "dchag")
 PARTIAL = ("hierarchical", "dchag")
@@ -663,12 +664,6 @@ def _atomic_write(path: str, data, binary: bool = False) -> None:
         raise
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def machine_info(use_cuda: bool) -> Dict[str, Any]:
     import torch
 
@@ -724,25 +719,17 @@ def run_cases(args, cases: List[Case], use_cuda: bool) -> List[Dict[str, Any]]:
             args_dict["threads"] = threads
             with tempfile.TemporaryDirectory(prefix="dchag_bench_") as tmp:
                 result_path = os.path.join(tmp, "result.json")
-                saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")}
-                os.environ["OMP_NUM_THREADS"] = str(threads)
-                if not use_cuda:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # --device cpu on a machine with GPUs
                 try:
-                    mp.start_processes(worker, args=(tp, _free_port(), args_dict, [dataclasses.asdict(c) for c in todo],
-                                                     result_path, deadline, use_cuda, world),
-                                       nprocs=world, join=True, start_method=_start_method())
+                    with _rank_environ(threads, use_cuda):
+                        mp.start_processes(worker, args=(tp, find_free_port(), args_dict,
+                                                         [dataclasses.asdict(c) for c in todo], result_path, deadline,
+                                                         use_cuda, world),
+                                           nprocs=world, join=True, start_method=local_rank_start_method(_RANK_PRELOAD))
                     with open(result_path) as fh:
                         results = json.load(fh)
                 except Exception as exc:  # noqa: BLE001 - a crashed rank fails its TP size, not the run
                     msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                     results = [{"status": "failed", "reason": f"TP={tp} x FSDP={fsdp} processes failed: {msg}"}] * len(todo)
-                finally:
-                    for k, v in saved_env.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
         for c, r in zip(todo, results):
             c.status, c.reason = r.get("status", "failed"), r.get("reason")
         by_case = {id(c): r for c, r in zip(todo, results)}
@@ -753,17 +740,15 @@ def run_cases(args, cases: List[Case], use_cuda: bool) -> List[Dict[str, Any]]:
     return records
 
 
-def _start_method() -> str:
-    """``forkserver`` with torch, megatron-core and this module preloaded (a rank costs a fork, not
-    an import); ``spawn`` where forkserver is unavailable."""
-    import multiprocessing
+# what a rank's fork server imports once
+_RANK_PRELOAD = ("torch", "megatron_dchag.cli.benchmark", "megatron_dchag.distributed", "megatron_dchag.tasks.benchmark",
+                 "megatron_dchag.training.builder", "torch.distributed._tools.mem_tracker")
 
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return "spawn"
-    multiprocessing.set_forkserver_preload(["torch", "megatron_dchag.cli.benchmark", "megatron_dchag.distributed",
-                                            "megatron_dchag.tasks.benchmark", "megatron_dchag.training.builder",
-                                            "torch.distributed._tools.mem_tracker"])
-    return "forkserver"
+
+def _rank_environ(threads: int, use_cuda: bool):
+    """What the rank processes inherit: ``threads`` OpenMP threads each, and no GPU under
+    ``--device cpu`` on a machine with GPUs."""
+    return overriding_environ(OMP_NUM_THREADS=str(threads), **({} if use_cuda else {"CUDA_VISIBLE_DEVICES": ""}))
 
 
 def _gpu_count() -> int:
@@ -1065,31 +1050,6 @@ CHANNEL_STAGE_MATCH_REL = 1e-4
 STAGE_PATHS = ("fused", "reference")
 
 
-@contextlib.contextmanager
-def _single_rank_job(seed: int):
-    """This process as the one rank of a TP=1 megatron-core job (the stage's final cross-attention
-    is a TP layer), torn down and its launcher variables restored on exit."""
-    import io
-
-    from megatron_dchag.distributed import destroy_distributed, initialize_distributed
-
-    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            initialize_distributed(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, seed=seed)
-        yield
-    finally:
-        destroy_distributed()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _stage_model_config(args, channels: int, tree: List[int], impl: str, tp: int = 1):
     """The ``dchag`` model of one case at TP ``tp`` (G: ``--channel-groups``, default ``tp``),
     linear tree, ``model.channel_stage_impl=impl``."""
@@ -1346,24 +1306,15 @@ def _channel_stage_tp_records(args, tp: int, threads: int, use_cuda: bool) -> Li
     args_dict = dict(vars(args), threads=threads)
     with tempfile.TemporaryDirectory(prefix="dchag_stage_bench_") as tmp:
         result_path = os.path.join(tmp, "records.json")
-        saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")}
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        if not use_cuda:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # --device cpu on a machine with GPUs
         try:
-            mp.start_processes(channel_stage_worker, args=(tp, _free_port(), args_dict, result_path),
-                               nprocs=tp, join=True, start_method=_start_method())
+            with _rank_environ(threads, use_cuda):
+                mp.start_processes(channel_stage_worker, args=(tp, find_free_port(), args_dict, result_path),
+                                   nprocs=tp, join=True, start_method=local_rank_start_method(_RANK_PRELOAD))
             with open(result_path) as fh:
                 return json.load(fh)
         except Exception as exc:  # noqa: BLE001 - a crashed rank fails the run's cases, reported
             msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
             return every_case("failed", f"TP={tp} processes failed: {msg}")
-        finally:
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def channel_stage_bench(args, command: str) -> Dict[str, Any]:
@@ -1393,7 +1344,9 @@ def channel_stage_bench(args, command: str) -> Dict[str, Any]:
         torch.set_num_threads(threads)
         from megatron_dchag.device import compute_device
 
-        with _single_rank_job(args.seed):
+        from megatron_dchag.distributed import single_rank_job
+
+        with single_rank_job(args.seed):
             records = _channel_stage_records(args, 1, compute_device(), log=True)
     else:
         threads = args.threads or max(1, (os.cpu_count() or 1) // tp)

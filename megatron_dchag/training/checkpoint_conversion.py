@@ -19,7 +19,6 @@ MAE and forecasting checkpoints without being told which is which.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -222,80 +221,40 @@ def import_rank(in_file: str, save: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
-                  "SLURM_LOCALID")
-
-
-def _as_rank(rank: int, world: int, port: int) -> None:
-    """Make this process's launcher variables those of ``rank`` of a local ``world`` (an enclosing
-    Slurm task's must not win over them)."""
-    for var in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+def _rank_main(rank: int, world: int, port: int, tp: int, pp: int, vpp: Optional[int], fn: Callable, args: tuple,
+               queue) -> None:
+    for var in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):  # an enclosing Slurm task's must not win
         os.environ.pop(var, None)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    try:
+        import contextlib
+        import io
+        import warnings
 
+        from megatron_dchag.distributed import destroy_distributed, initialize_distributed
 
-def _run_as_rank(tp: int, pp: int, vpp: Optional[int], fn: Callable, args: tuple) -> Any:
-    """``fn(*args)`` inside an initialized parallel state of this process (quietly: no layout table,
-    no import-time warnings), torn down afterwards."""
-    import contextlib
-    import io
-    import warnings
-
-    from megatron_dchag.distributed import destroy_distributed, initialize_distributed
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore")
         with contextlib.redirect_stdout(io.StringIO()):
             initialize_distributed(tp, pp, seed=0, virtual_pipeline_model_parallel_size=vpp)
-        try:
-            return fn(*args)
-        finally:
-            destroy_distributed()
-
-
-def _rank_main(rank: int, world: int, port: int, tp: int, pp: int, vpp: Optional[int], fn: Callable, args: tuple,
-               queue) -> None:
-    _as_rank(rank, world, port)
-    try:
-        queue.put((rank, _run_as_rank(tp, pp, vpp, fn, args), None))
+        result = fn(*args)
+        destroy_distributed()
+        queue.put((rank, result, None))
     except Exception as exc:
         queue.put((rank, None, (type(exc).__name__, str(exc), traceback.format_exc())))
 
 
 def _run_in_this_process(fn: Callable, args: tuple) -> Any:
-    """A one-rank run (export, import, a TP=PP=1 target) here rather than in a child process, which
-    would import torch and megatron-core a second time; the launcher variables are restored after."""
-    saved = {var: os.environ.get(var) for var in _LAUNCHER_VARS}
-    _as_rank(0, 1, _free_port())
-    try:
-        return _run_as_rank(1, 1, None, fn, args)
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
+    """A one-rank step (export, import, a TP=PP=1 target) here rather than in a child process, which
+    would import torch and megatron-core a second time."""
+    import warnings
 
+    from megatron_dchag.distributed import single_rank_job
 
-def _rank_process_context():
-    """Where rank processes come from: a fork server that has imported this module (torch,
-    megatron-core and the builder) once, so that each rank costs a fork rather than an import; it
-    never initializes a GPU or a process group, so its children start clean. ``spawn`` where there
-    is no fork server."""
-    import torch.multiprocessing as mp
-
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with single_rank_job(seed=0):
+            return fn(*args)
 
 
 def run_on_local_ranks(world_size: int, tp: int, pp: int, fn: Callable, *args: Any, vpp: Optional[int] = None) -> Any:
@@ -306,9 +265,14 @@ def run_on_local_ranks(world_size: int, tp: int, pp: int, fn: Callable, *args: A
     CheckpointError) with its message. One rank runs in this process."""
     if world_size == 1:
         return _run_in_this_process(fn, args)
-    ctx = _rank_process_context()
+    import torch.multiprocessing as mp
+
+    from megatron_dchag.distributed import find_free_port, local_rank_start_method
+
+    # a fork server that imported this module (torch, megatron-core, the builder) once
+    ctx = mp.get_context(local_rank_start_method([__name__]))
     queue = ctx.Queue()
-    port = _free_port()
+    port = find_free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, tp, pp, vpp, fn, args, queue))
              for r in range(world_size)]
     for p in procs:
